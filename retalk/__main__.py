@@ -1,0 +1,5 @@
+import sys
+
+from retalk.cli import main
+
+sys.exit(main())
