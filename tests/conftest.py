@@ -17,7 +17,9 @@ SHARED = Path(os.environ.get("RETALK_SHARED", REPO.parent / "shared"))
 def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: this test needs the shared reference data (../shared beside the repo)")
+        pytest.skip(
+            f"{path} is absent: this test needs the shared reference data (../shared beside the repo)"
+        )
     return path
 
 
