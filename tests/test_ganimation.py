@@ -1,0 +1,94 @@
+"""GANimation generator: golden outputs under the deterministic weights, AU presets, composition, checkpoint errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retalk.errors import CheckpointError, InputError
+from retalk.models.ganimation import (
+    CHECKPOINT_NAME,
+    GANimationGenerator,
+    compose_expression,
+    expression_aus,
+    load_ganimation,
+)
+from retalk.selftest import compare
+from retalk.selftest import ganimation_gen as case
+
+
+def _manifest(reference_dir: Path) -> dict:
+    return json.loads((reference_dir / "manifests" / f"{CHECKPOINT_NAME}.json").read_text())
+
+
+def _official_state_dict(reference_dir: Path) -> dict[str, torch.Tensor]:
+    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
+    detweights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detweights)
+    manifest = _manifest(reference_dir)
+    state_dict = detweights.deterministic_state_dict(manifest["entries"])
+    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
+    return state_dict
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
+    torch.save(_official_state_dict(reference_dir), tmp_path / CHECKPOINT_NAME)
+    golden = np.load(golden_dir / case.GOLDEN)
+    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
+    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
+    for name, got in outputs.items():
+        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
+        assert row.passed, row
+
+
+def test_expression_presets_match_the_golden_inputs(golden_dir: Path) -> None:
+    golden = np.load(golden_dir / case.GOLDEN)  # meta: au = exp_aus_dict['angry'], ['surprise']
+    presets = torch.cat([expression_aus("angry"), expression_aus("surprise")]).numpy()
+    assert np.array_equal(presets, golden["in.au"])
+    assert not expression_aus("sad").any()  # the reference's "sad" is all zeros
+
+
+def test_unknown_expression_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="happy"):
+        expression_aus("happy")
+
+
+def test_compose_keeps_the_face_where_the_mask_is_one() -> None:
+    face, color = torch.full((1, 3, 4, 4), 0.5), torch.full((1, 3, 4, 4), -1.0)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    out = compose_expression(face, color, mask)
+    assert torch.equal(out[..., :2, :], face[..., :2, :])
+    assert torch.equal(out[..., 2:, :], color[..., 2:, :])
+
+
+def test_extra_entries_are_ignored_but_missing_ones_are_named(reference_dir: Path, tmp_path: Path) -> None:
+    shaped = {
+        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
+        for key, shape, dtype, *_ in _manifest(reference_dir)["entries"]
+    }
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save(
+        {**shaped, "_metadata_like": torch.zeros(1)}, path
+    )  # the reference keeps only the model's keys
+    assert isinstance(load_ganimation(path), GANimationGenerator)
+    torch.save({k: v for k, v in shaped.items() if k != "model.15.weight"}, path)
+    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*decoder\.0\.weight"):
+        load_ganimation(path)
+
+
+def test_truncated_and_foreign_files_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save(GANimationGenerator().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_NAME}.*truncated"):
+        load_ganimation(path)
+    torch.save({"net_recon": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)  # a face3d file
+    with pytest.raises(CheckpointError, match=CHECKPOINT_NAME):
+        load_ganimation(path)
