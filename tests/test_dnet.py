@@ -1,0 +1,123 @@
+"""D-Net: golden outputs under the deterministic weights, the warp, the dead branch, and loud checkpoint errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retalk.errors import CheckpointError
+from retalk.models.dnet import DNet, checkpoint_filter_fn, identity_grid, load_dnet, warp_with_flow
+from retalk.selftest import dnet as dnet_case
+
+
+def _official_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    """The reference-key state dict filled by the golden weight rule (checked against the manifest's sha256)."""
+    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
+    detweights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detweights)
+    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
+    state_dict = detweights.deterministic_state_dict(manifest["entries"])
+    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
+    return state_dict
+
+
+@pytest.fixture(scope="module")
+def official_sd(reference_dir: Path) -> dict[str, torch.Tensor]:
+    return _official_state_dict(reference_dir, "DNet.pt")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(official_sd: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a synthetic DNet.pt in the official container layout."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.save({"net_G_ema": official_sd}, folder / "DNet.pt")
+    return folder
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(checkpoints: Path, golden_dir: Path) -> None:
+    golden = np.load(golden_dir / dnet_case.GOLDEN)
+    outputs = dnet_case.run(golden, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))
+    assert outputs.keys() == {"flow_field", "warp_image", "fake_image"}
+    for name, out in outputs.items():
+        ref = golden[f"out.{name}"]
+        assert out.shape == ref.shape, name
+        # README tolerances: rel L2 <= 1e-4, max abs <= 1e-3 * max|ref|
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-4, name
+        assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max(), name
+
+
+def test_warp_only_skips_editing_and_batch_items_are_independent() -> None:
+    torch.manual_seed(0)
+    model = DNet().eval()
+    image, coeffs = torch.rand(2, 3, 256, 256) * 2 - 1, torch.randn(2, 73, 26)
+    with torch.inference_mode():
+        batch = model(image, coeffs, warp_only=True)
+        single = model(image[1:], coeffs[1:], warp_only=True)
+    assert batch.keys() == {"flow_field", "warp_image"}
+    torch.testing.assert_close(single["flow_field"], batch["flow_field"][1:], rtol=0, atol=1e-5)
+    # random weights give large flows; sampling a noise image amplifies float differences a little
+    torch.testing.assert_close(single["warp_image"], batch["warp_image"][1:], rtol=0, atol=1e-4)
+
+
+def test_zero_flow_resamples_at_the_pixel_grid() -> None:
+    # grid_sample(align_corners=False) on an align-corners grid: a zero flow is NOT the identity; it shrinks the
+    # image by (n-1)/n about the centre, exactly as the reference (and a flow at the image size does the same)
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    warped = warp_with_flow(image, torch.zeros(1, 2, 4, 4))
+    expected = F.grid_sample(image, identity_grid(4, 4, image)[None], align_corners=False)
+    torch.testing.assert_close(warped, expected, rtol=0, atol=0)
+    assert not torch.allclose(warped, image)
+    grid = identity_grid(3, 5, image)
+    assert grid.shape == (3, 5, 2)
+    torch.testing.assert_close(grid[0, :, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+    torch.testing.assert_close(grid[:, 0, 1], torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_flow_is_in_pixels_of_the_align_corners_grid() -> None:
+    # flow f moves the sample by 2f/(w-1) grid units = f*w/(w-1) pixels of grid_sample(align_corners=False),
+    # so f = (w-1)/w samples exactly one pixel to the right of where a zero flow samples
+    w = 8
+    image = torch.rand(1, 1, w, w)
+    flow = torch.zeros(1, 2, w, w)
+    flow[:, 0] = (w - 1) / w
+    shifted = warp_with_flow(image, flow)
+    baseline = warp_with_flow(torch.roll(image, shifts=-1, dims=3), torch.zeros(1, 2, w, w))
+    # away from the zero-padded left edge and the wrapped right columns
+    torch.testing.assert_close(shifted[..., 1:-2], baseline[..., 1:-2], rtol=0, atol=1e-6)
+
+
+def test_dead_branch_keys_are_dropped_and_the_rest_load_strictly(
+    official_sd: dict[str, torch.Tensor],
+) -> None:
+    filtered = checkpoint_filter_fn(official_sd)
+    dead = [k for k in official_sd if ".res" in k and (".conv1." in k or ".norm1." in k)]
+    assert len(dead) == 6 * 8  # 3 levels x 2 blocks x (conv1 w, b + norm1 6 tensors)
+    assert len(filtered) == len(official_sd) - len(dead)
+    assert DNet().state_dict().keys() == filtered.keys()
+
+
+def test_truncated_file_is_a_checkpoint_error(checkpoints: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "DNet.pt"
+    truncated.write_bytes((checkpoints / "DNet.pt").read_bytes()[: 1 << 20])
+    with pytest.raises(CheckpointError, match=r"DNet\.pt.*truncated"):
+        load_dnet(truncated)
+
+
+def test_other_networks_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"audio_encoder.0.conv_block.0.bias": torch.zeros(32)}}, tmp_path / "LNet.pth")
+    with pytest.raises(CheckpointError, match=r"DNet\.pt.*'net_G_ema'"):
+        load_dnet(tmp_path / "LNet.pth")
+
+
+def test_missing_key_is_named(official_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    partial = {k: v for k, v in official_sd.items() if k != "warpping_net.flow_out.2.bias"}
+    torch.save({"net_G_ema": partial}, tmp_path / "DNet.pt")
+    with pytest.raises(CheckpointError, match=r"DNet\.pt: 1 missing key\(s\): warping_net\.flow_conv\.bias"):
+        load_dnet(tmp_path / "DNet.pt")

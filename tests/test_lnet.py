@@ -1,0 +1,142 @@
+"""L-Net: golden outputs under the deterministic weights, the spectral-norm fold, and loud checkpoint errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retalk.errors import CheckpointError
+from retalk.models.lnet import LNet, fold_spectral_norm, lnet_state_dict_from_official, load_lnet
+from retalk.selftest import lnet as lnet_case
+
+
+def _official_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    """The reference-key state dict filled by the golden weight rule (checked against the manifest's sha256)."""
+    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
+    detweights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detweights)
+    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
+    state_dict = detweights.deterministic_state_dict(manifest["entries"])
+    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
+    return state_dict
+
+
+@pytest.fixture(scope="module")
+def shaped_sd(reference_dir: Path) -> dict[str, torch.Tensor]:
+    """Every official key with its shape and dtype, all ones (stride-0 views: a tiny file), for key handling."""
+    manifest = json.loads((reference_dir / "manifests" / "LNet.pth.json").read_text())
+    return {
+        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
+        for key, shape, dtype, *_ in manifest["entries"]
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a synthetic LNet.pth in the official container layout."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.save({"state_dict": _official_state_dict(reference_dir, "LNet.pth")}, folder / "LNet.pth")
+    return folder
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(checkpoints: Path, golden_dir: Path) -> None:
+    golden = np.load(golden_dir / lnet_case.GOLDEN)
+    out = lnet_case.run(golden, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))["out"]
+    ref = golden["out.out"]
+    assert out.shape == ref.shape
+    # README tolerances: rel L2 <= 1e-4, max abs <= 1e-3 * max|ref|
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-4
+    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_batch_items_are_independent() -> None:
+    torch.manual_seed(0)
+    model = LNet(base_channels=16, max_channels=64, num_res_blocks=1).eval()  # same structure, small and fast
+    mel, face = torch.randn(2, 1, 80, 16), torch.rand(2, 6, 96, 96)
+    with torch.inference_mode():
+        batched = model(mel, face)
+        single = model(mel[1:], face[1:])
+    assert batched.shape == (2, 3, 96, 96)
+    torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5)
+
+
+def test_spectral_norm_fold_equals_torch_eval_spectral_norm() -> None:
+    torch.manual_seed(1)
+    conv = torch.nn.utils.spectral_norm(torch.nn.Conv2d(8, 16, 3))
+    conv.train()
+    conv(torch.randn(1, 8, 5, 5))  # one power iteration so that u, v are not the initial draw
+    conv.eval()
+    with torch.no_grad():
+        conv(torch.randn(1, 8, 5, 5))  # eval: weight = weight_orig / (u . W v), u and v as stored
+    stored = {k: v.detach() for k, v in conv.state_dict().items()}
+    folded = fold_spectral_norm({f"c.{k}": v for k, v in stored.items()})
+    assert set(folded) == {"c.weight", "c.bias"}
+    assert torch.equal(folded["c.weight"], conv.weight.detach())
+
+
+def test_reference_key_transform_strips_module_and_drops_low_res(shaped_sd: dict[str, torch.Tensor]) -> None:
+    wrapped = {f"module.{k}": v for k, v in shaped_sd.items()}
+    # the reference drops every key containing low_res (here one that would not even fit)
+    wrapped["low_res.module.decoder.final.model.0.bias"] = torch.zeros(7)
+    plain = lnet_state_dict_from_official(shaped_sd)
+    assert lnet_state_dict_from_official(wrapped).keys() == plain.keys()
+    with torch.device("meta"):  # keys and shapes only, no weights allocated
+        expected = {k: v.shape for k, v in LNet().state_dict().items()}
+    assert {k: v.shape for k, v in plain.items()} == expected
+
+
+def test_truncated_file_is_a_checkpoint_error(shaped_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    path = tmp_path / "LNet.pth"
+    torch.save({"state_dict": shaped_sd}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"LNet\.pth.*truncated"):
+        load_lnet(path)
+
+
+def test_other_networks_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    torch.save({"net_G_ema": {"mapping_net.first.0.bias": torch.zeros(256)}}, tmp_path / "DNet.pt")
+    with pytest.raises(CheckpointError, match=r"LNet\.pth.*'state_dict'"):
+        load_lnet(tmp_path / "DNet.pt")
+    # right container, another network's keys (E-Net's style encoder)
+    torch.save({"state_dict": {"conv_body_first.weight": torch.zeros(256, 3, 1, 1)}}, tmp_path / "ENet.pth")
+    with pytest.raises(CheckpointError, match=r"LNet\.pth: \d+ missing key"):
+        load_lnet(tmp_path / "ENet.pth")
+
+
+def test_missing_key_is_named(shaped_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    partial = {k: v for k, v in shaped_sd.items() if k != "decoder.res1.res4.conv2.bn_g.mlp_beta.bias"}
+    torch.save({"state_dict": partial}, tmp_path / "LNet.pth")
+    with pytest.raises(
+        CheckpointError, match=r"LNet\.pth: 1 missing key\(s\): decoder\.res_blocks\.1\.4\.conv2\.norm_g"
+    ):
+        load_lnet(tmp_path / "LNet.pth")
+
+
+@pytest.mark.parametrize("weight_v", [None, torch.ones(5)], ids=["absent", "wrong-shape"])
+def test_bad_spectral_norm_vectors_are_a_missing_weight(
+    shaped_sd: dict[str, torch.Tensor], tmp_path: Path, weight_v: torch.Tensor | None
+) -> None:
+    bad = {k: v for k, v in shaped_sd.items() if k != "decoder.jump2.model.0.weight_v"}
+    if weight_v is not None:
+        bad["decoder.jump2.model.0.weight_v"] = weight_v
+    torch.save({"state_dict": bad}, tmp_path / "LNet.pth")
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): decoder\.jumps\.2\.conv\.weight"):
+        load_lnet(tmp_path / "LNet.pth")
+
+
+def test_extra_keys_load_with_a_warning(
+    shaped_sd: dict[str, torch.Tensor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the reference loads LNet.pth with strict=False: entries the network does not use are tolerated, but named
+    torch.save({"state_dict": {**shaped_sd, "disc.head.weight": torch.zeros(2)}}, tmp_path / "LNet.pth")
+    with caplog.at_level(logging.WARNING, logger="retalk.models.lnet"):
+        model = load_lnet(tmp_path / "LNet.pth")
+    assert not model.training
+    assert "disc.head.weight" in caplog.text
