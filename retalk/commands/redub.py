@@ -1,0 +1,113 @@
+"""``retalk redub``: re-dub a range of a video with a new line of audio."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from retalk.errors import InputError, RetalkError
+from retalk.pipeline import RedubRequest, redub
+from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
+from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
+from retalk.progress import JsonLines, StageBars
+
+
+def add_render_options(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``redub`` and ``demo`` (everything after the inputs)."""
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="auto", help="auto = neural when its checkpoints exist"
+    )
+    parser.add_argument("--checkpoints", type=Path, help="folder with the official checkpoint files")
+    parser.add_argument("--expression", default="neutral", help="neutral | smile | path of an image")
+    parser.add_argument("--upper-face", choices=UPPER_FACE, default="none")
+    parser.add_argument(
+        "--fit", choices=FIT_MODES, default="video", help="video: keep the range; audio: follow it"
+    )
+    parser.add_argument(
+        "--extend", choices=EXTEND_MODES, default="loop", help="with --fit audio and a longer audio"
+    )
+    parser.add_argument(
+        "--face", default="largest", help="largest | INDEX (left to right) | X,Y (a point on it)"
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--codec", choices=CODECS, default="h264")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the video-only stages")
+    parser.add_argument("--cache-dir", type=Path, help="default: the user cache folder")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("redub", help="re-dub a range of a video with a new line of audio")
+    parser.add_argument("--video", type=Path, required=True)
+    parser.add_argument("--audio", type=Path, required=True)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--start", type=int, default=0, help="first frame (inclusive)")
+    parser.add_argument("--end", type=int, help="end frame (exclusive); default: the end of the clip")
+    parser.add_argument("--audio-offset", default="0", help="seconds into the audio where the line starts")
+    add_render_options(parser)
+    parser.set_defaults(func=run)
+
+
+def request_from_args(args: argparse.Namespace, **inputs) -> RedubRequest:
+    return RedubRequest(
+        **inputs,
+        engine=args.engine,
+        checkpoints=args.checkpoints,
+        expression=args.expression,
+        upper_face=args.upper_face,
+        fit=args.fit,
+        extend=args.extend,
+        face=args.face,
+        device=args.device,
+        codec=args.codec,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+
+
+def run_request(request: RedubRequest, as_json: bool) -> int:
+    """Run with progress bars (or JSON lines), print warnings on stderr and the outcome."""
+    if as_json:
+        reporter = JsonLines()
+        try:
+            result = redub(request, progress=reporter)
+        except RetalkError as err:
+            reporter.write({"event": "error", "type": type(err).__name__, "message": str(err)})
+            raise
+        reporter.write({"event": "result", **result.to_json()})
+    else:
+        bars = StageBars()
+        try:
+            result = redub(request, progress=bars)
+        finally:
+            bars.close()
+    for warning in result.warnings:
+        print(f"retalk: warning: {warning}", file=sys.stderr)
+    if not as_json:
+        print(
+            f"{result.output}: {result.frames} frames, {float(result.duration):.3f} s, {result.engine} engine"
+        )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        offset = Fraction(args.audio_offset)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"--audio-offset {args.audio_offset!r}: expected seconds, e.g. 1.5") from None
+    request = request_from_args(
+        args,
+        video=args.video,
+        audio=args.audio,
+        output=args.output,
+        start=args.start,
+        end=args.end,
+        audio_offset=offset,
+    )
+    return run_request(request, args.json)

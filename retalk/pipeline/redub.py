@@ -1,0 +1,349 @@
+"""The re-dub pipeline: a video range and a new line of audio in, the same shot speaking the new line out.
+
+``redub`` reads as its stages: 1. check inputs, 2. plan the output timeline, 3. track faces (video-only,
+cached by content), 4. choose and prepare the engine, 5. render chunk by chunk and encode with the new audio.
+Memory is bounded by the chunk size, never by the clip length; nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import librosa
+import numpy as np
+
+import retalk
+from retalk import media
+from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
+from retalk.pipeline.cache import ArtifactCache, FrameHasher, cache_key
+from retalk.pipeline.preview import PreviewEngine
+from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
+from retalk.pipeline.timing import Timeline, fit_audio, plan_timeline, samples_for_frames
+from retalk.registry import missing_checkpoints
+from retalk.tracking import TRACK_FORMAT, FaceSelector, FaceTrack, track_faces
+
+ANALYSIS_RATE = 16000  # what engines hear (the reference's mel features are computed at 16 kHz)
+OUTPUT_AUDIO_RATE = 48000  # what the output file carries
+CHUNK_FRAMES = 16
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this everywhere, the audio is treated as silent
+TRACK_CACHE = "tracks"
+
+
+@dataclass
+class SourceClip:
+    """The video side of a job, as engines see it in ``prepare`` (everything here depends on the video only)."""
+
+    path: Path
+    info: media.VideoInfo
+    start: int
+    end: int
+    content_key: str  # sha256 of the decoded frames [start, end)
+    track: FaceTrack  # of frames [start, end): row k is frame start + k
+    cache: ArtifactCache | None
+    device: str  # the request's auto|cpu|cuda[:N]: engines that use torch resolve it (retalk.device)
+
+
+class Engine(Protocol):
+    """A renderer. ``prepare`` does the video-only work (and may cache it in ``clip.cache`` under
+    ``clip.content_key``; it returns the names of its cache hits), ``listen`` the audio-only work (the new
+    audio at 16 kHz, exactly as long as the output), ``render_chunk`` the rest: ``frames`` (n, H, W, 3) uint8
+    RGB are clip frames ``source_index`` shown as output frames ``output_index``; it returns new frames.
+    Frames without a face are put back untouched by the pipeline whatever the engine returns for them."""
+
+    name: str
+
+    def prepare(self, clip: SourceClip) -> list[str]: ...
+
+    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> None: ...
+
+    def render_chunk(
+        self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
+    ) -> np.ndarray: ...
+
+
+def _neural_engine(request: RedubRequest) -> Engine | None:
+    """The neural engine where this build has one (it lives in ``retalk.pipeline.neural``), else None."""
+    try:
+        module = importlib.import_module("retalk.pipeline.neural")
+    except ModuleNotFoundError as err:
+        if err.name != "retalk.pipeline.neural":
+            raise
+        return None
+    return module.NeuralEngine(request)
+
+
+def choose_engine(request: RedubRequest) -> tuple[Engine, list[str]]:
+    """The engine to run and the warnings that go with the choice (auto falls back to preview, saying why)."""
+    if request.engine == "preview":
+        return PreviewEngine(), []
+    missing = missing_checkpoints(request.checkpoints, upper_face=request.upper_face != "none")
+    if request.engine == "neural":
+        if missing:
+            raise CheckpointError(
+                f"--engine neural needs checkpoints that are missing: {', '.join(missing)}; "
+                "get them with `retalk models fetch` (or pass --checkpoints DIR), or use --engine preview"
+            )
+        engine = _neural_engine(request)
+        if engine is None:
+            raise InputError(
+                "--engine neural is not available in this version of retalk; use --engine preview"
+            )
+        return engine, []
+    if missing:
+        return PreviewEngine(), [
+            f"using the preview engine: the neural engine's checkpoints are missing ({', '.join(missing)}); "
+            "`retalk models fetch` downloads them"
+        ]
+    engine = _neural_engine(request)
+    if engine is None:
+        return PreviewEngine(), ["using the preview engine: this version of retalk has no neural engine yet"]
+    return engine, []
+
+
+class _FrameReader:
+    """Source frames by index for a frame map: decodes forward, keeps at most one decoded chunk, and seeks
+    only when the map jumps (a loop restarting, a ping-pong turning)."""
+
+    def __init__(self, path: Path, end: int, chunk_size: int = CHUNK_FRAMES) -> None:
+        self.path, self.end, self.chunk_size = path, end, chunk_size
+        self._chunks: Iterator[media.FrameChunk] | None = None
+        self._frames: np.ndarray | None = None
+        self._first = 0  # clip index of self._frames[0]
+
+    def _span(self, a: int, b: int) -> Iterator[np.ndarray]:
+        i = a
+        while i < b:
+            buffered_end = self._first + (len(self._frames) if self._frames is not None else 0)
+            if self._frames is not None and self._first <= i < buffered_end:
+                take = min(b, buffered_end) - i
+                yield self._frames[i - self._first : i - self._first + take]
+                i += take
+                continue
+            if self._chunks is None or i != buffered_end:
+                if self._chunks is not None:
+                    self._chunks.close()  # release the decoder now, not whenever it is collected
+                self._chunks = media.iter_frames(self.path, i, self.end, chunk_size=self.chunk_size)
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise MediaError(f"{self.path}: frame {i} could not be decoded; the file may be damaged")
+            self._frames, self._first = chunk.frames, chunk.start
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Frames ``indices`` (any order, repeats allowed) as (n, H, W, 3) uint8 RGB."""
+        wanted = np.unique(indices)
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        parts = [
+            np.concatenate(list(self._span(int(run[0]), int(run[-1]) + 1)))
+            for run in np.split(wanted, breaks)
+        ]
+        frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return frames[np.searchsorted(wanted, indices)]
+
+
+class _Stages:
+    """Progress events and wall time per stage; the cancel check between units of work."""
+
+    def __init__(self, progress, should_cancel) -> None:
+        self.progress, self.should_cancel = progress, should_cancel
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, stage: str, done: int, total: int, message: str = "", *, cancellable: bool = True) -> None:
+        if cancellable and self.should_cancel is not None and self.should_cancel():
+            raise CancelledError(f"the re-dub was cancelled during {stage}; nothing was written")
+        if self.progress is not None:
+            self.progress(ProgressEvent(stage, done, total, message))
+
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _read_new_audio(request: RedubRequest, sample_rate: int, duration: Fraction | None) -> np.ndarray:
+    try:
+        wav = media.read_audio(
+            request.audio, start=request.audio_offset, duration=duration, sample_rate=sample_rate
+        )
+    except librosa.util.exceptions.ParameterError as err:  # the resampler refuses NaN/inf samples
+        raise InputError(f"--audio {request.audio}: the audio cannot be used ({err}); re-export it") from err
+    if len(wav) == 0:
+        raise InputError(
+            f"--audio {request.audio}: no audio after --audio-offset {float(request.audio_offset)} s "
+            "(the file is empty or shorter than the offset)"
+        )
+    if not np.all(np.isfinite(wav)):
+        raise InputError(f"--audio {request.audio}: the audio contains NaN or infinite samples; re-export it")
+    return wav
+
+
+def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
+    hasher = FrameHasher()
+    for chunk in media.iter_frames(path, start, end, chunk_size=CHUNK_FRAMES):
+        hasher.update(chunk.frames)
+        stages.emit("hash", chunk.start + len(chunk.frames) - start, end - start)
+    return hasher.hexdigest()
+
+
+def _track(
+    request: RedubRequest,
+    start: int,
+    end: int,
+    content_key: str,
+    cache: ArtifactCache | None,
+    stages: _Stages,
+) -> tuple[FaceTrack, bool]:
+    """The face track of frames [start, end), from the cache when the same pixels were tracked before."""
+    key = cache_key(content_key, "track", request.face, "savgol-7-2", TRACK_FORMAT, retalk.__version__)
+    cached = cache.get(TRACK_CACHE, key) if cache is not None else None
+    if cached is not None:
+        try:
+            return FaceTrack.load(cached), True
+        except InputError:
+            cached.unlink(missing_ok=True)  # damaged entry: recompute it
+    total = end - start
+    track = track_faces(
+        media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES),
+        select=request.face,
+        progress=lambda done: stages.emit("track", done, total),
+    )
+    if cache is not None:
+        cache.put(TRACK_CACHE, key, track.save)
+    return track, False
+
+
+def redub(
+    request: RedubRequest,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> RedubResult:
+    """Re-dub ``request.video`` frames [start, end) with ``request.audio``; see :class:`RedubRequest`."""
+    stages = _Stages(progress, should_cancel)
+    warnings: list[str] = []
+    cache_hits: list[str] = []
+
+    # 1. check inputs
+    with stages.timed("check"):
+        stages.emit("check", 0, 1)
+        request.validate()
+        FaceSelector(request.face)  # refuses a malformed --face before any work
+        info = media.probe(request.video)
+        start = request.start
+        end = info.frame_count if request.end is None else request.end
+        if end > info.frame_count or start >= end:
+            raise InputError(
+                f"--start {start} --end {end}: outside the clip's {info.frame_count} frames "
+                f"(valid: 0 <= start < end <= {info.frame_count})"
+            )
+        # --fit video needs the range's length of audio (a second more tells whether some is cut)
+        needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
+        wav16k = _read_new_audio(request, ANALYSIS_RATE, needed)
+        if np.abs(wav16k).max() < SILENCE_PEAK:
+            raise InputError(
+                f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
+                "check the file and --audio-offset"
+            )
+        wav_out = _read_new_audio(request, OUTPUT_AUDIO_RATE, needed)
+        engine, engine_warnings = choose_engine(request)
+        warnings += engine_warnings
+        if engine.name == "preview":
+            warnings += [
+                f"--{name} {value} has no effect with the preview engine"
+                for name, value in (("expression", request.expression), ("upper-face", request.upper_face))
+                if value not in ("neutral", "none")
+            ]
+        expected_suffix = media.default_extension(request.codec)
+        if request.output.suffix.lower() != expected_suffix:
+            warnings.append(
+                f"-o {request.output.name}: codec {request.codec} writes a {expected_suffix} file"
+            )
+        stages.emit("check", 1, 1)
+
+    # 2. plan the output timeline: frame map and sample-exact audio lengths
+    with stages.timed("plan"):
+        timeline: Timeline = plan_timeline(
+            start=start,
+            end=end,
+            rate=info.rate,
+            audio_samples=len(wav16k),
+            sample_rate=ANALYSIS_RATE,
+            fit=request.fit,
+            extend=request.extend,
+        )
+        warnings += timeline.warnings
+        n_out = timeline.frames
+        wav16k = fit_audio(wav16k, timeline.audio_samples)
+        wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
+
+    # 3. track faces (video-only: cached by decoded content, never by file name)
+    cache = ArtifactCache(request.cache_dir) if request.use_cache else None
+    with stages.timed("hash"):
+        content_key = _content_key(request.video, start, end, stages)
+    with stages.timed("track"):
+        track, hit = _track(request, start, end, content_key, cache, stages)
+        if hit:
+            cache_hits.append("track")
+        stages.emit("track", end - start, end - start, "from cache" if hit else "")
+
+    # 4. the engine's video-only and audio-only preparation
+    with stages.timed("prepare"):
+        clip = SourceClip(request.video, info, start, end, content_key, track, cache, request.device)
+        cache_hits += engine.prepare(clip)
+        engine.listen(wav16k, info.rate, n_out)
+
+    # 5. render chunk by chunk and encode with the new audio
+    local = timeline.frame_map - start
+    reader = _FrameReader(request.video, end)
+    stages.emit("render", 0, n_out)
+    writer = media.VideoWriter(
+        request.output,
+        width=info.width,
+        height=info.height,
+        rate=info.rate,
+        codec=request.codec,
+        color=info.color,
+        audio=wav_out,
+        audio_rate=OUTPUT_AUDIO_RATE,
+    )
+    try:
+        for a in range(0, n_out, CHUNK_FRAMES):
+            b = min(a + CHUNK_FRAMES, n_out)
+            with stages.timed("decode"):
+                frames = reader.read(timeline.frame_map[a:b])
+            with stages.timed("render"):
+                rendered = engine.render_chunk(frames, timeline.frame_map[a:b], np.arange(a, b))
+                faceless = ~track.found[local[a:b]]
+                rendered[faceless] = frames[faceless]
+            with stages.timed("encode"):
+                writer.write(rendered)
+            stages.emit("render", b, n_out)
+        stages.emit("encode", 0, 1)
+        with stages.timed("encode"):
+            writer.close()  # the file appears whole, or (abort below) not at all
+    except BaseException:
+        writer.abort()
+        raise
+    stages.emit("encode", 1, 1, cancellable=False)
+
+    return RedubResult(
+        output=request.output,
+        frames=n_out,
+        rate=info.rate,
+        duration=timeline.duration,
+        engine=engine.name,
+        faceless_ranges=FaceTrack(
+            track.boxes[local], track.landmarks[local], track.found[local]
+        ).faceless_ranges(),
+        warnings=warnings,
+        stage_seconds=stages.seconds,
+        cache_hits=cache_hits,
+    )
