@@ -1,0 +1,426 @@
+"""A real `retalk serve` process on 127.0.0.1 with two workers running the real preview pipeline, tested message
+by message against PROTOCOL.md (sections cited), under load (8 clients x 25 jobs) and under hostile input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from fractions import Fraction
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from retalk_protocol import codec
+from retalk_protocol.client import Client, audio_array, frame_array
+from retalk_protocol.codec import ProtocolError
+from test_server_support import CLIP_FRAMES, ServerProcess, make_media, wait_for
+
+from retalk import media
+from retalk.cli import main as retalk_main
+
+LOSSLESS = {"codec": "lossless"}
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    make_media(root)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.wav").write_bytes((root / "tone.wav").read_bytes())
+    os.symlink(outside / "secret.wav", root / "escape.wav")
+    os.symlink(outside, root / "escape_dir")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, media_root):
+    process = ServerProcess(tmp_path_factory.mktemp("state") / "state", media_root, "--workers", "2")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.endpoint, name="pytest", timeout=60) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def done_job(server, media_root):
+    """One finished lossless job (submitted with the clip's exact rate, §4.3)."""
+    with Client(server.endpoint, name="pytest", timeout=120) as session:
+        job = session.submit(
+            str(media_root / "clip.mp4"), "tone.wav", rate=Fraction(25), engine="preview", options=LOSSLESS
+        )
+        events = []
+        final = session.wait(job, timeout=300, on_progress=events.append)
+    assert final["state"] == "done", final
+    return job, final, events
+
+
+class Raw:
+    """A bare DEALER for messages the client class would never send."""
+
+    def __init__(self, endpoint: str, hello: bool = True):
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        if hello:
+            self.send(codec.encode("HELLO", 1, versions=[1], client="raw"))
+            assert self.recv().type == "WELCOME"
+
+    def send(self, frames: list) -> None:
+        self.socket.send_multipart(frames)
+
+    def recv(self, timeout: float = 30.0, skip=("HEARTBEAT",)) -> codec.Message:
+        deadline = time.monotonic() + timeout
+        while self.socket.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            message = codec.decode(self.socket.recv_multipart())
+            if message.type not in skip:
+                return message
+        raise AssertionError("no reply")
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def _error_code(call) -> str:
+    with pytest.raises(ProtocolError) as err:
+        call()
+    assert "\n" not in err.value.message
+    return err.value.code
+
+
+# -- §4.1 ----------------------------------------------------------------------------------------------------
+def test_s4_1_hello_gets_welcome_with_capabilities(client):
+    welcome = client.welcome
+    assert welcome["version"] == 1
+    assert set(welcome["formats"]) == {"rgb8", "rgb16", "rgba-half"}
+    assert "preview" in welcome["engines"] and "lossless" in welcome["codecs"]
+    assert welcome["limits"]["credit"] >= 1 and welcome["heartbeat"] > 0 and welcome["timeout"] > 0
+
+
+def test_s4_1_no_common_version_is_unsupported_version(server):
+    raw = Raw(server.endpoint, hello=False)
+    raw.send(codec.encode("HELLO", 5, versions=[7, 8]))
+    reply = raw.recv()
+    raw.close()
+    assert (reply.type, reply["code"], reply.req, reply["supported"]) == (
+        "ERROR",
+        "unsupported-version",
+        5,
+        [1],
+    )
+
+
+def test_s4_1_request_before_hello_is_hello_required(server):
+    raw = Raw(server.endpoint, hello=False)
+    raw.send(codec.encode("STATUS", 3))
+    reply = raw.recv()
+    raw.close()
+    assert (reply.type, reply["code"], reply.req) == ("ERROR", "hello-required", 3)
+
+
+def test_s4_client_sending_a_server_message_is_unknown_type(server):
+    raw = Raw(server.endpoint)
+    raw.send(codec.encode("WELCOME", 4, version=1, server="me"))
+    reply = raw.recv()
+    raw.close()
+    assert (reply["code"], reply.req) == ("unknown-type", 4)
+
+
+# -- §4.3, §4.4 ----------------------------------------------------------------------------------------------
+def test_s4_3_s4_4_submit_is_accepted_and_progress_ends_done(done_job):
+    job, final, events = done_job
+    states = [e["state"] for e in events]
+    assert states[-1] == "done" and "running" in states
+    stages = {e["stage"] for e in events if e["stage"]}
+    assert {"track", "render", "encode"} <= stages
+    result = final["result"]
+    assert result["frames"] == CLIP_FRAMES and codec.from_rational(result["rate"]) == 25
+    assert codec.from_rational(result["duration"]) == Fraction(CLIP_FRAMES, 25)
+    assert result["engine"] == "preview" and result["codec"] == "lossless"
+
+
+def test_s4_3_rate_mismatch_is_invalid(client, media_root):
+    code = _error_code(
+        lambda: client.submit("clip.mp4", "tone.wav", rate=Fraction(1350, 61), engine="preview")
+    )
+    assert code == "invalid"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"options": {"colour": "red"}},  # unknown option
+        {"options": {"seed": "7"}},  # wrong type
+        {"options": {"fit": "sideways"}},  # pipeline's own validation
+        {"start": 2, "end": CLIP_FRAMES + 5},  # outside the clip
+        {"engine": "warp"},
+    ],
+)
+def test_s4_3_bad_options_are_invalid(client, kwargs):
+    assert _error_code(lambda: client.submit("clip.mp4", "tone.wav", **kwargs)) == "invalid"
+
+
+@pytest.mark.parametrize(
+    "clip, code",
+    [
+        ("../outside/secret.wav", "forbidden"),  # traversal
+        ("sub/../../etc/passwd", "forbidden"),
+        ("/etc/passwd", "forbidden"),  # absolute, outside the roots
+        ("escape.wav", "forbidden"),  # a symlink inside the root pointing outside
+        ("escape_dir/secret.wav", "forbidden"),  # through a symlinked folder
+        ("missing.mp4", "not-found"),
+        ("bad\x00name", "forbidden"),
+    ],
+)
+def test_s6_2_paths_are_confined_to_the_media_roots(client, clip, code):
+    assert _error_code(lambda: client.submit(clip, "tone.wav", engine="preview")) == code
+
+
+def test_s6_2_audio_path_is_confined_too(client):
+    assert _error_code(lambda: client.submit("clip.mp4", "escape.wav", engine="preview")) == "forbidden"
+
+
+# -- §4.2 ----------------------------------------------------------------------------------------------------
+def test_s4_2_uploaded_media_run_a_job(client, media_root):
+    clip = client.upload(str(media_root / "clip.mp4"))
+    audio = client.upload(str(media_root / "tone.wav"))
+    job = client.submit({"upload": clip}, {"upload": audio}, engine="preview", options=LOSSLESS)
+    final = client.wait(job, timeout=300)
+    assert final["state"] == "done" and final["result"]["frames"] == CLIP_FRAMES
+    # an upload is consumed by the job that used it
+    assert _error_code(lambda: client.submit({"upload": clip}, "tone.wav")) == "not-found"
+
+
+def test_s4_2_upload_checksum_mismatch_and_size_limit(client, media_root):
+    data = (media_root / "tone.wav").read_bytes()
+    ready = client.request("UPLOAD", name="t.wav", size=len(data), sha256="0" * 64)
+    client._send(codec.encode("UPLOAD_CHUNK", 7, [data], upload=ready["upload"], offset=0))
+    replies = []
+    while not replies or replies[-1].type not in ("ERROR", "UPLOADED"):
+        replies.append(client._receive(time.monotonic() + 30))
+    assert replies[-1].type == "ERROR" and replies[-1]["code"] == "checksum" and replies[-1]["retryable"]
+    too_big = client.welcome["limits"]["upload"] + 1
+    assert (
+        _error_code(lambda: client.request("UPLOAD", name="x", size=too_big, sha256="0" * 64)) == "too-large"
+    )
+
+
+# -- §4.5 ----------------------------------------------------------------------------------------------------
+def test_s4_5_status_list_watch(client, done_job):
+    job, _, _ = done_job
+    status = client.status()
+    assert len(status["workers"]) == 2 and status["devices"] == ["cpu"]
+    assert status["jobs"].get("done", 0) >= 1 and status["clients"] >= 1
+    listed = {entry["job"]: entry for entry in client.list_jobs(states=["done"])}
+    assert listed[job]["state"] == "done" and listed[job]["client"].startswith("pytest@")
+    watched = client.watch(job)
+    assert watched.type == "PROGRESS" and watched["state"] == "done" and watched.req > 0
+
+
+def test_s4_5_unknown_and_finished_jobs(client, done_job):
+    assert _error_code(lambda: client.watch("nope")) == "not-found"
+    assert _error_code(lambda: client.cancel("nope")) == "not-found"
+    assert _error_code(lambda: client.cancel(done_job[0])) == "invalid"
+
+
+# -- §4.6, §4.7, §4.8, §5 ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fetched(server, done_job, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fetch") / "result.mkv"
+    with Client(server.endpoint, timeout=60) as session:
+        info = session.fetch(done_job[0], str(path))
+    return path, info
+
+
+def test_s4_7_fetch_streams_the_file_with_its_checksum(fetched, done_job):
+    path, info = fetched
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == done_job[1]["result"]["sha256"]
+    assert info["extension"] == ".mkv" and info["size"] == path.stat().st_size
+    assert media.probe(path).frame_count == CLIP_FRAMES
+
+
+def test_s4_6_render_frames_and_audio_in_each_pixel_format(client, done_job, fetched):
+    job = done_job[0]
+    expected = media.read_frames(fetched[0], 0, CLIP_FRAMES)
+    rendered = {}
+    for pixel_format in codec.PIXEL_FORMATS:
+        messages = list(client.render(job, format=pixel_format, audio=pixel_format == "rgb8"))
+        stream, data = messages[0], messages[1:]
+        assert stream.type == "STREAM" and stream["frames"] == CLIP_FRAMES
+        frames = [m for m in data if m.type == "FRAME"]
+        assert [m["index"] for m in frames] == list(range(CLIP_FRAMES))
+        assert [codec.from_rational(m["time"]) for m in frames] == [
+            Fraction(i, 25) for i in range(CLIP_FRAMES)
+        ]
+        rendered[pixel_format] = np.stack([frame_array(m) for m in frames])
+        if pixel_format == "rgb8":
+            audio = np.concatenate([audio_array(m) for m in data if m.type == "AUDIO"])
+            assert len(audio) == CLIP_FRAMES * 48000 // 25
+            reference = media.read_audio(fetched[0], sample_rate=48000)[: len(audio)]
+            np.testing.assert_allclose(audio, reference, atol=1e-6)
+    np.testing.assert_array_equal(rendered["rgb8"], expected)
+    np.testing.assert_array_equal(rendered["rgb16"], expected.astype(np.uint16) * 257)
+    half = rendered["rgba-half"].astype(np.float32)
+    np.testing.assert_allclose(half[..., :3], expected / 255.0, atol=1e-3)
+    assert (half[..., 3] == 1).all()
+
+
+def test_s4_6_render_a_range_and_bad_requests(client, done_job):
+    job = done_job[0]
+    frames = [m for m in client.render(job, 2, 3, audio=False) if m.type == "FRAME"]
+    assert [m["index"] for m in frames] == [2, 3]
+    assert _error_code(lambda: next(client.render(job, 0, CLIP_FRAMES))) == "invalid"
+    assert _error_code(lambda: next(client.render(job, format="yuv420"))) == "invalid"
+    assert _error_code(lambda: next(client.render("nope"))) == "not-found"
+
+
+def test_s5_server_sends_no_more_than_the_credit(server, done_job):
+    raw = Raw(server.endpoint)
+    raw.send(codec.encode("RENDER", 2, job=done_job[0], audio=False, credit=2))
+    stream = raw.recv()
+    assert stream.type == "STREAM" and stream["credit"] == 2
+    got = [raw.recv(), raw.recv()]
+    assert [m.type for m in got] == ["FRAME", "FRAME"]
+    with pytest.raises(AssertionError):
+        raw.recv(timeout=1.0)  # credit used up: nothing more comes
+    raw.send(codec.encode("CREDIT", 0, stream=stream["stream"], credit=1))
+    assert raw.recv()["index"] == 2
+    raw.send(codec.encode("ABORT", 9, stream=stream["stream"]))  # §4.8
+    end = raw.recv()
+    assert (end.type, end.req, end["count"]) == ("END", 9, 3)
+    raw.send(codec.encode("CREDIT", 0, stream=stream["stream"], credit=1))
+    assert raw.recv()["code"] == "not-found"
+    raw.close()
+
+
+# -- §4.9 ----------------------------------------------------------------------------------------------------
+def test_s4_9_server_sends_heartbeats(server):
+    raw = Raw(server.endpoint)
+    assert raw.recv(timeout=5, skip=()).type == "HEARTBEAT"
+    raw.close()
+
+
+def test_s4_9_a_vanished_client_mid_stream_costs_nothing(server, client, done_job):
+    raw = Raw(server.endpoint)
+    raw.send(codec.encode("RENDER", 2, job=done_job[0], credit=1))
+    assert raw.recv().type == "STREAM"
+    assert client.status()["streams"] >= 1
+    raw.close()  # gone without BYE, its stream open
+    wait_for(lambda: client.status()["streams"] == 0, 30, "the server to drop the vanished client's stream")
+    frames = [m for m in client.render(done_job[0], audio=False) if m.type == "FRAME"]
+    assert len(frames) == CLIP_FRAMES
+
+
+# -- §7: hostile input ---------------------------------------------------------------------------------------
+_hostile_frames = st.one_of(
+    st.lists(st.binary(max_size=64), min_size=1, max_size=3),  # random bytes
+    st.builds(  # truncated valid headers
+        lambda n: [codec.encode("SUBMIT", 1, clip={"path": "clip.mp4"}, audio={"path": "tone.wav"})[0][:n]],
+        st.integers(0, 40),
+    ),
+    st.builds(  # wrong types in a known message
+        lambda t, v: [msgpack.packb({"v": 1, "type": t, "req": 1, "job": v, "stream": v, "clip": v})],
+        st.sampled_from(["WATCH", "CANCEL", "RENDER", "FETCH", "CREDIT", "SUBMIT"]),
+        st.one_of(
+            st.integers(-(2**31), 2**31), st.none(), st.lists(st.integers(0, 9), max_size=2), st.floats()
+        ),
+    ),
+    st.builds(  # unknown versions and types
+        lambda v, t: [msgpack.packb({"v": v, "type": t, "req": 1})],
+        st.integers(-5, 100).filter(lambda v: v != 1),
+        st.text(max_size=12),
+    ),
+    st.just([msgpack.packb({"v": 1, "type": "STATUS", "req": 1, "pad": "x" * 70000})]),  # too large
+    st.just([b"\xdd\xff\xff\xff\xff"]),  # huge declared array length
+)
+
+
+@pytest.fixture(scope="module")
+def hostile(server):
+    raw = Raw(server.endpoint)
+    yield raw
+    raw.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=_hostile_frames)
+def test_s7_hostile_messages_get_error_and_the_server_stays_up(hostile, frames):
+    hostile.send(frames)
+    reply = hostile.recv()
+    assert reply.type == "ERROR" and reply["code"] in codec.ERROR_CODES
+    hostile.send(codec.encode("STATUS", 77))
+    assert hostile.recv().req == 77
+
+
+# -- load: 8 clients x 25 jobs -------------------------------------------------------------------------------
+def test_eight_clients_twenty_five_jobs_each_all_complete_correctly(server, fetched):
+    expected = media.read_frames(fetched[0], 0, CLIP_FRAMES)
+    failures: list = []
+    finals: dict = {}
+
+    def one_client(index: int) -> None:
+        try:
+            with Client(server.endpoint, name=f"load-{index}", timeout=120) as session:
+                jobs = [
+                    session.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS, priority=k % 3)
+                    for k in range(25)
+                ]
+                finals.update({job: session.wait(job, timeout=600) for job in jobs})
+                frames = [m for m in session.render(jobs[-1], audio=False) if m.type == "FRAME"]
+                np.testing.assert_array_equal(np.stack([frame_array(m) for m in frames]), expected)
+        except Exception as err:  # reported below with the client's index
+            failures.append((index, repr(err)))
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert len(finals) == 200
+    assert all(f["state"] == "done" and f["result"]["frames"] == CLIP_FRAMES for f in finals.values())
+
+
+# -- the client commands -------------------------------------------------------------------------------------
+def test_cli_submit_wait_status_fetch_and_a_refused_cancel(server, tmp_path, capsys):
+    common = ["--server", server.endpoint, "--json"]
+    assert (
+        retalk_main(
+            [
+                "submit",
+                *common,
+                "--video",
+                "clip.mp4",
+                "--audio",
+                "tone.wav",
+                "--engine",
+                "preview",
+                "--codec",
+                "lossless",
+                "--wait",
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    job = lines[0]["job"]
+    assert lines[-1]["job"] == job and lines[-1]["state"] == "done"
+    assert retalk_main(["status", *common]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["jobs"]["done"] >= 1 and len(status["workers"]) == 2
+    output = tmp_path / "fetched.mkv"
+    assert retalk_main(["fetch", *common, job, "-o", str(output)]) == 0
+    assert media.probe(output).frame_count == CLIP_FRAMES
+    capsys.readouterr()
+    assert retalk_main(["cancel", *common, job]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid" in err and job in err

@@ -1,0 +1,163 @@
+"""Faults (PROTOCOL.md §8): SIGKILL of the server mid-job, dying workers, cancellation mid-job.
+
+One worker whose runner holds each attempt at a gate (test_server_support.gated_runner) so a test can strike
+at a known point; past the gate the real preview pipeline runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from retalk_protocol.client import Client
+from retalk_protocol.codec import ProtocolError
+from test_server_support import GATE_ENV, GATED_RUNNER, ServerProcess, make_media, started_markers, wait_for
+
+LOSSLESS = {"codec": "lossless"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _pid(marker: Path) -> int:
+    return int(marker.name.split("-")[1])
+
+
+class Harness:
+    def __init__(self, tmp: Path):
+        self.media = tmp / "media"
+        make_media(self.media)
+        self.gate = tmp / "gate"
+        self.gate.mkdir()
+        self.state = tmp / "state"
+        self.server = self.start()
+
+    def start(self, endpoint: str = "tcp://127.0.0.1:0") -> ServerProcess:
+        return ServerProcess(
+            self.state,
+            self.media,
+            "--workers",
+            "1",
+            "--retries",
+            "2",
+            "--runner",
+            GATED_RUNNER,
+            endpoint=endpoint,
+            env={GATE_ENV: str(self.gate)},
+        )
+
+    def client(self) -> Client:
+        session = Client(self.server.endpoint, name="faults", timeout=120)
+        session.connect()
+        return session
+
+    def close_gate(self) -> None:
+        (self.gate / "open").unlink(missing_ok=True)
+
+    def open_gate(self) -> None:
+        (self.gate / "open").touch()
+
+    def wait_for_attempt(self, count: int) -> Path:
+        return wait_for(
+            lambda: (
+                started_markers(self.gate)[count - 1] if len(started_markers(self.gate)) >= count else None
+            ),
+            180,
+            f"attempt #{count} to reach the gate",
+        )
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    harness = Harness(tmp_path_factory.mktemp("faults"))
+    yield harness
+    harness.server.stop()
+
+
+def test_s8_1_server_killed_mid_job_resumes_and_completes_once(harness):
+    with harness.client() as client:
+        job = client.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS)
+    first = harness.wait_for_attempt(1)
+    endpoint = harness.server.endpoint
+    harness.server.kill()  # SIGKILL mid-job: the journal is all that survives
+    wait_for(lambda: not _alive(_pid(first)), 30, "the orphaned worker to exit with its server")
+    harness.server = harness.start(endpoint)
+    harness.wait_for_attempt(2)
+    harness.open_gate()
+    with harness.client() as client:
+        final = client.wait(job, timeout=300)
+        listed = [entry for entry in client.list_jobs() if entry["job"] == job]
+    assert final["state"] == "done" and final["result"]["frames"] == 6
+    assert final["attempt"] == 1  # the crash is not the job's fault
+    assert len(listed) == 1
+    job_files = sorted(p.name for p in (harness.state / "jobs" / job).iterdir())
+    assert job_files == ["result.mkv"]  # one result, no temporary left-overs
+
+
+def test_s8_2_a_killed_worker_is_retried(harness):
+    harness.close_gate()
+    before = len(started_markers(harness.gate))
+    with harness.client() as client:
+        job = client.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS)
+        marker = harness.wait_for_attempt(before + 1)
+        os.kill(_pid(marker), signal.SIGKILL)
+        retry = harness.wait_for_attempt(before + 2)
+        assert _pid(retry) != _pid(marker)  # a fresh worker took the job
+        harness.open_gate()
+        final = client.wait(job, timeout=300)
+    assert final["state"] == "done" and final["attempt"] == 2
+
+
+def test_s8_2_a_job_whose_worker_keeps_dying_fails_with_the_reason(harness):
+    harness.close_gate()
+    before = len(started_markers(harness.gate))
+    with harness.client() as client:
+        job = client.submit("clip.mp4", "tone.wav", engine="preview")
+        for attempt in (1, 2):
+            os.kill(_pid(harness.wait_for_attempt(before + attempt)), signal.SIGKILL)
+        final = client.wait(job, timeout=300)
+    assert final["state"] == "failed" and final["attempt"] == 2
+    assert final["error"]["code"] == "failed" and not final["error"]["retryable"]
+    assert "died" in final["error"]["message"] and "gave up after 2 attempts" in final["error"]["message"]
+
+
+def test_s4_5_cancel_a_queued_and_a_running_job(harness):
+    harness.close_gate()
+    before = len(started_markers(harness.gate))
+    with harness.client() as client:
+        running = client.submit("clip.mp4", "tone.wav", engine="preview")
+        harness.wait_for_attempt(before + 1)
+        queued = client.submit("clip.mp4", "tone.wav", engine="preview")
+        assert client.status()["queue"] == [queued]
+        with pytest.raises(ProtocolError) as err:
+            next(client.render(running))  # §4.6: no result yet
+        assert err.value.code == "not-ready" and err.value.retryable
+        assert client.cancel(queued) == "cancelled"
+        assert client.cancel(running) == "running"  # stops at its next check
+        final = client.wait(running, timeout=120)
+        assert final["state"] == "cancelled"
+        assert client.wait(queued, timeout=10)["state"] == "cancelled"
+        assert client.status()["queue"] == []
+    assert not (harness.state / "jobs" / running / "result.mp4").exists()
+    assert len(started_markers(harness.gate)) == before + 1  # the queued job never ran
+
+
+def test_s4_3_higher_priority_runs_first_then_submission_order(harness):
+    harness.close_gate()
+    before = len(started_markers(harness.gate))
+    with harness.client() as client:
+        running = client.submit("clip.mp4", "tone.wav", engine="preview")
+        harness.wait_for_attempt(before + 1)
+        low = client.submit("clip.mp4", "tone.wav", engine="preview", priority=0)
+        high = [client.submit("clip.mp4", "tone.wav", engine="preview", priority=5) for _ in range(2)]
+        assert client.status()["queue"] == [*high, low]
+        for job in (low, *high, running):
+            client.cancel(job)
+        assert client.wait(running, timeout=120)["state"] == "cancelled"
