@@ -451,6 +451,10 @@ def read_audio(
         source = _decode_mono(container, stream, window_start, window_end)
     if math.floor(len(source) * ratio) < 1:  # nothing (or less than one output sample) left from `start` on
         return np.zeros(0, dtype=np.float32)
+    if not np.all(np.isfinite(source)):
+        raise InputError(
+            f"{path}: the audio contains NaN or infinite samples; re-export it as PCM or float WAV"
+        )
     resampled = librosa.resample(source, orig_sr=source_rate, target_sr=sample_rate, res_type="kaiser_best")
     offset = first - int(window_start * ratio)
     stop = None if count is None else offset + count

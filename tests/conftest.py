@@ -5,10 +5,17 @@ Tests that need ../shared skip with the reason when it is absent; everything els
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RETALK_SHARED", REPO.parent / "shared"))
@@ -38,3 +45,36 @@ def golden_dir() -> Path:
 def media_dir() -> Path:
     """../shared/media: face1.mp4 (1350/61 fps), face2.mp4 (25 fps), speech1.wav."""
     return _shared_path("media")
+
+
+@pytest.fixture(scope="session")
+def reference_manifest(reference_dir: Path) -> Callable[[str], dict]:
+    """``reference_manifest(checkpoint_name)``: manifests/<checkpoint_name>.json (entries, fill_sha256)."""
+
+    def load(checkpoint_name: str) -> dict:
+        return json.loads((reference_dir / "manifests" / f"{checkpoint_name}.json").read_text())
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def reference_state_dict(
+    reference_dir: Path, reference_manifest: Callable[[str], dict]
+) -> Callable[[str], dict[str, torch.Tensor]]:
+    """``reference_state_dict(checkpoint_name)``: the official-key state dict filled by the reference's weight rule
+    (../shared/reference/detweights.py), checked against the manifest's fill sha256. Built anew on every call."""
+    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
+    detweights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detweights)
+
+    def build(checkpoint_name: str) -> dict[str, torch.Tensor]:
+        manifest = reference_manifest(checkpoint_name)
+        state_dict = detweights.deterministic_state_dict(manifest["entries"])
+        fill = detweights.state_dict_sha256(state_dict)
+        assert fill == manifest["fill_sha256"], (
+            f"{checkpoint_name}: the weight rule's fill sha256 {fill} is not the manifest's "
+            f"{manifest['fill_sha256']} (torch version or detweights.py changed?)"
+        )
+        return state_dict
+
+    return build

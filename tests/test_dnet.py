@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +16,9 @@ from retalk.models.dnet import DNet, checkpoint_filter_fn, identity_grid, load_d
 from retalk.selftest import dnet as dnet_case
 
 
-def _official_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
-    """The reference-key state dict filled by the golden weight rule (checked against the manifest's sha256)."""
-    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
-    detweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detweights)
-    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
-    state_dict = detweights.deterministic_state_dict(manifest["entries"])
-    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
-    return state_dict
-
-
 @pytest.fixture(scope="module")
-def official_sd(reference_dir: Path) -> dict[str, torch.Tensor]:
-    return _official_state_dict(reference_dir, "DNet.pt")
+def official_sd(reference_state_dict: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return reference_state_dict("DNet.pt")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +22,11 @@ from retalk.selftest import compare
 from retalk.selftest import ganimation_gen as case
 
 
-def _manifest(reference_dir: Path) -> dict:
-    return json.loads((reference_dir / "manifests" / f"{CHECKPOINT_NAME}.json").read_text())
-
-
-def _official_state_dict(reference_dir: Path) -> dict[str, torch.Tensor]:
-    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
-    detweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detweights)
-    manifest = _manifest(reference_dir)
-    state_dict = detweights.deterministic_state_dict(manifest["entries"])
-    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
-    return state_dict
-
-
 @pytest.mark.golden
-def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
-    torch.save(_official_state_dict(reference_dir), tmp_path / CHECKPOINT_NAME)
+def test_golden_through_selftest_case(
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+) -> None:
+    torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
     golden = np.load(golden_dir / case.GOLDEN)
     outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
     assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
@@ -68,10 +56,12 @@ def test_compose_keeps_the_face_where_the_mask_is_one() -> None:
     assert torch.equal(out[..., 2:, :], color[..., 2:, :])
 
 
-def test_extra_entries_are_ignored_but_missing_ones_are_named(reference_dir: Path, tmp_path: Path) -> None:
+def test_extra_entries_are_ignored_but_missing_ones_are_named(
+    reference_manifest: Callable[[str], dict], tmp_path: Path
+) -> None:
     shaped = {
         key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in _manifest(reference_dir)["entries"]
+        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
     }
     path = tmp_path / CHECKPOINT_NAME
     torch.save(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +16,10 @@ from retalk.models.lnet import LNet, fold_spectral_norm, lnet_state_dict_from_of
 from retalk.selftest import lnet as lnet_case
 
 
-def _official_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
-    """The reference-key state dict filled by the golden weight rule (checked against the manifest's sha256)."""
-    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
-    detweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detweights)
-    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
-    state_dict = detweights.deterministic_state_dict(manifest["entries"])
-    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
-    return state_dict
-
-
 @pytest.fixture(scope="module")
-def shaped_sd(reference_dir: Path) -> dict[str, torch.Tensor]:
+def shaped_sd(reference_manifest: Callable[[str], dict]) -> dict[str, torch.Tensor]:
     """Every official key with its shape and dtype, all ones (stride-0 views: a tiny file), for key handling."""
-    manifest = json.loads((reference_dir / "manifests" / "LNet.pth.json").read_text())
+    manifest = reference_manifest("LNet.pth")
     return {
         key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
         for key, shape, dtype, *_ in manifest["entries"]
@@ -38,10 +27,12 @@ def shaped_sd(reference_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoints(
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A folder holding a synthetic LNet.pth in the official container layout."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    torch.save({"state_dict": _official_state_dict(reference_dir, "LNet.pth")}, folder / "LNet.pth")
+    torch.save({"state_dict": reference_state_dict("LNet.pth")}, folder / "LNet.pth")
     return folder
 
 

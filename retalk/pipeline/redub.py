@@ -16,7 +16,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
 
-import librosa
 import numpy as np
 
 import retalk
@@ -170,19 +169,14 @@ class _Stages:
 
 
 def _read_new_audio(request: RedubRequest, sample_rate: int, duration: Fraction | None) -> np.ndarray:
-    try:
-        wav = media.read_audio(
-            request.audio, start=request.audio_offset, duration=duration, sample_rate=sample_rate
-        )
-    except librosa.util.exceptions.ParameterError as err:  # the resampler refuses NaN/inf samples
-        raise InputError(f"--audio {request.audio}: the audio cannot be used ({err}); re-export it") from err
+    wav = media.read_audio(
+        request.audio, start=request.audio_offset, duration=duration, sample_rate=sample_rate
+    )
     if len(wav) == 0:
         raise InputError(
             f"--audio {request.audio}: no audio after --audio-offset {float(request.audio_offset)} s "
             "(the file is empty or shorter than the offset)"
         )
-    if not np.all(np.isfinite(wav)):
-        raise InputError(f"--audio {request.audio}: the audio contains NaN or infinite samples; re-export it")
     return wav
 
 
