@@ -197,7 +197,9 @@ def _track(
     stages: _Stages,
 ) -> tuple[FaceTrack, bool]:
     """The face track of frames [start, end), from the cache when the same pixels were tracked before."""
-    key = cache_key(content_key, "track", request.face, "savgol-7-2", TRACK_FORMAT, retalk.__version__)
+    # The tracker's settings are its defaults: name them in the key so a change of default invalidates entries.
+    tracker = "dlib-up1-max1024-face120-savgol-7-2"
+    key = cache_key(content_key, "track", request.face, tracker, TRACK_FORMAT, retalk.__version__)
     cached = cache.get(TRACK_CACHE, key) if cache is not None else None
     if cached is not None:
         try:
