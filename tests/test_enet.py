@@ -1,0 +1,87 @@
+"""E-Net: golden outputs under the deterministic weights, its noise, and loading (L-Net only from LNet.pth)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
+from torch import Tensor, nn
+
+from retalk.errors import CheckpointError
+from retalk.models.enet import ENet, load_enet
+from retalk.selftest import enet as enet_case
+
+NAME = "ENet.pth"
+
+
+class _StubLNet(nn.Module):
+    """Stands in for L-Net where only E-Net's own layers matter: (mel, face96) -> (B, 3, 96, 96) in (0, 1)."""
+
+    def forward(self, mel: Tensor, face: Tensor) -> Tensor:
+        return torch.sigmoid(face[:, :3] - face[:, 3:] + mel.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def shaped_lnet(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LNet.pth with every official key (all ones) in the official container."""
+    path = tmp_path_factory.mktemp("lnet") / "LNet.pth"
+    torch.save({"state_dict": shaped_state_dict(reference_dir, "LNet.pth")}, path)
+    return path
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
+    # ENet.pth holds E-Net's own keys; the embedded L-Net comes from LNet.pth (README "ENet is special")
+    torch.save({"state_dict": official_state_dict(reference_dir, NAME)}, tmp_path / NAME)
+    torch.save({"state_dict": official_state_dict(reference_dir, "LNet.pth")}, tmp_path / "LNet.pth")
+    golden = np.load(golden_dir / enet_case.GOLDEN)
+    out = enet_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
+    for name in ("pred", "low_res"):
+        assert_close_to_golden(out[name], golden[f"out.{name}"])
+
+
+def test_default_noise_is_fixed_and_the_same_for_every_frame() -> None:
+    model = randomize_(ENet(_StubLNet()), seed=0)
+    rng = torch.Generator().manual_seed(1)
+    mel, img_batch = torch.randn(2, 1, 80, 16, generator=rng), torch.rand(2, 6, 384, 384, generator=rng)
+    with torch.inference_mode():
+        batched, low_res = model(mel, img_batch, img_batch[:, 3:])
+        single, _ = model(mel[1:], img_batch[1:], img_batch[1:, 3:])
+    assert batched.shape == (2, 3, 384, 384) and low_res.shape == (2, 3, 96, 96)
+    # a frame renders the same alone or in a batch: the default noise is seeded and shared by all frames
+    torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5 * float(single.abs().max()))
+
+
+def test_low_res_keys_of_enet_pth_are_ignored(reference_dir: Path, shaped_lnet: Path, tmp_path: Path) -> None:
+    own = shaped_state_dict(reference_dir, NAME)
+    lnet_keys = [
+        key for key, *_ in json.loads((reference_dir / "manifests" / "LNet.pth.json").read_text())["entries"]
+    ]
+    # a DataParallel-style file that also carries an (ignored) embedded L-Net full of sevens
+    state_dict = {f"module.{k}": v for k, v in own.items()}
+    state_dict.update({f"module.low_res.{k}": torch.full((), 7.0) for k in lnet_keys})
+    torch.save({"state_dict": state_dict}, tmp_path / NAME)
+    model = load_enet(tmp_path / NAME, shaped_lnet)
+    assert all(not (t == 7).any() for t in model.lnet.state_dict().values())
+    assert torch.equal(model.conv_body_first.weight, torch.ones(256, 3, 1, 1))
+
+
+def test_bad_files_are_refused(reference_dir: Path, shaped_lnet: Path, tmp_path: Path) -> None:
+    own = shaped_state_dict(reference_dir, NAME)
+    del own["style_convs.2.weight"]
+    torch.save({"state_dict": own}, tmp_path / NAME)
+    with pytest.raises(CheckpointError, match=r"ENet\.pth: 1 missing key.*style_convs\.2\.noise_strength"):
+        load_enet(tmp_path / NAME, shaped_lnet)
+
+    torch.save({"state_dict": shaped_state_dict(reference_dir, "GFPGANv1.3.pth")}, tmp_path / NAME)
+    with pytest.raises(CheckpointError, match=r"ENet\.pth: .*right file"):
+        load_enet(tmp_path / NAME, shaped_lnet)
+
+    data = (tmp_path / NAME).read_bytes()
+    (tmp_path / NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"ENet\.pth: .* truncated"):
+        load_enet(tmp_path / NAME, shaped_lnet)

@@ -1,0 +1,82 @@
+"""GFPGAN v1.3 (clean): golden output under the deterministic weights, noise modes, batching, loud loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
+
+from retalk.errors import CheckpointError
+from retalk.models.gfpgan import GFPGANv1Clean, load_gfpgan
+from retalk.selftest import gfpganv1_3 as gfpgan_case
+
+NAME = "GFPGANv1.3.pth"
+
+
+@pytest.fixture(scope="module")
+def small_model() -> GFPGANv1Clean:
+    """A narrow 64 px GFPGAN with random weights: the same code paths at a fraction of the cost."""
+    model = randomize_(GFPGANv1Clean(out_size=64, style_dim=32, narrow=1 / 16), seed=0)
+    with torch.no_grad():
+        for i, buffer in enumerate(model.noises.buffers()):
+            buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(100 + i)))
+    return model
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
+    torch.save({"params_ema": official_state_dict(reference_dir, NAME)}, tmp_path / NAME)
+    golden = np.load(golden_dir / gfpgan_case.GOLDEN)
+    out = gfpgan_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
+    assert_close_to_golden(out["image"], golden["out.image"])
+
+
+def test_stored_noise_is_the_default_and_a_generator_replaces_it(small_model: GFPGANv1Clean) -> None:
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    stored = [getattr(small_model.noises, f"noise{i}") for i in range(small_model.decoder.num_layers)]
+    with torch.inference_mode():
+        default = small_model(x)
+        explicit = small_model(x, noise=stored)
+        seeded = small_model(x, generator=torch.Generator().manual_seed(3))
+        seeded_again = small_model(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(default, explicit)
+    assert torch.equal(seeded, seeded_again)
+    assert not torch.allclose(default, seeded, atol=1e-3)
+
+
+def test_batch_items_are_independent(small_model: GFPGANv1Clean) -> None:
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.inference_mode():
+        batched = small_model(x)
+        single = small_model(x[1:])
+    assert batched.shape == (2, 3, 64, 64)
+    # random weights amplify float32 reordering (grouped vs single convs) with depth; compare relative to the peak
+    torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5 * float(single.abs().max()))
+
+
+def test_unused_heads_are_dropped_and_every_other_key_is_needed(reference_dir: Path, tmp_path: Path) -> None:
+    state_dict = shaped_state_dict(reference_dir, NAME)
+    torch.save({"params": state_dict}, tmp_path / NAME)  # the fallback container key
+    assert isinstance(load_gfpgan(tmp_path / NAME), GFPGANv1Clean)
+
+    del state_dict["stylegan_decoder.style_convs.3.modulated_conv.modulation.bias"]
+    torch.save({"params_ema": state_dict}, tmp_path / NAME)
+    with pytest.raises(
+        CheckpointError, match=r"GFPGANv1\.3\.pth: 1 missing key.*style_convs\.3\.conv\.modulation\.bias"
+    ):
+        load_gfpgan(tmp_path / NAME)
+
+
+def test_wrong_and_truncated_files_are_refused(reference_dir: Path, tmp_path: Path) -> None:
+    torch.save({"params_ema": shaped_state_dict(reference_dir, "GPEN-BFR-512.pth")}, tmp_path / NAME)
+    with pytest.raises(CheckpointError, match=r"GFPGANv1\.3\.pth: .*right file"):
+        load_gfpgan(tmp_path / NAME)
+
+    data = (tmp_path / NAME).read_bytes()
+    (tmp_path / NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"GFPGANv1\.3\.pth: .* truncated"):
+        load_gfpgan(tmp_path / NAME)

@@ -1,0 +1,63 @@
+"""GPEN-BFR-512: golden output under the deterministic weights, batching, loud loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
+
+from retalk.errors import CheckpointError
+from retalk.models.gpen import GPEN, load_gpen
+from retalk.selftest import gpen_bfr_512 as gpen_case
+
+NAME = "GPEN-BFR-512.pth"
+
+
+@pytest.mark.golden
+def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
+    torch.save(official_state_dict(reference_dir, NAME), tmp_path / NAME)
+    golden = np.load(golden_dir / gpen_case.GOLDEN)
+    out = gpen_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
+    assert_close_to_golden(out["image"], golden["out.image"])
+
+
+def test_batch_items_are_independent_and_repeatable() -> None:
+    model = randomize_(GPEN(size=64, style_dim=32, n_mlp=2, narrow=1 / 16), seed=0)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        batched = model(x)
+        single = model(x[1:])
+        again = model(x[1:])
+    assert batched.shape == (2, 3, 64, 64)
+    assert torch.equal(single, again)
+    # random weights amplify float32 reordering (grouped vs single convs) with depth; compare relative to the peak
+    torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5 * float(single.abs().max()))
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3 * float(single.abs().max()))
+
+
+def test_every_official_key_is_needed(reference_dir: Path, tmp_path: Path) -> None:
+    state_dict = shaped_state_dict(reference_dir, NAME)
+    torch.save(state_dict, tmp_path / NAME)
+    assert isinstance(load_gpen(tmp_path / NAME), GPEN)
+
+    del state_dict["generator.convs.5.noise.weight"]
+    torch.save(state_dict, tmp_path / NAME)
+    with pytest.raises(
+        CheckpointError, match=r"GPEN-BFR-512\.pth: 1 missing key.*style_convs\.5\.noise_strength"
+    ):
+        load_gpen(tmp_path / NAME)
+
+
+def test_wrong_and_truncated_files_are_refused(reference_dir: Path, tmp_path: Path) -> None:
+    torch.save(shaped_state_dict(reference_dir, "GFPGANv1.3.pth"), tmp_path / NAME)
+    with pytest.raises(CheckpointError, match=r"GPEN-BFR-512\.pth: .*right file"):
+        load_gpen(tmp_path / NAME)
+
+    data = (tmp_path / NAME).read_bytes()
+    (tmp_path / NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"GPEN-BFR-512\.pth: .* truncated"):
+        load_gpen(tmp_path / NAME)
