@@ -19,14 +19,18 @@ import torch
 from retalk.errors import CheckpointError
 
 
-def read_checkpoint(path: str | Path, *, name: str, container_keys: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: str | Path, *, name: str, container_keys: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
     """Load ``path`` on the CPU (weights only) and unwrap the first of ``container_keys`` it holds.
 
     ``name`` is the official file name (e.g. ``"LNet.pth"``), used in every error message.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{name}: no file at {path}; run `retalk models fetch` or pass --checkpoints DIR")
+        raise CheckpointError(
+            f"{name}: no file at {path}; run `retalk models fetch` or pass --checkpoints DIR"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
@@ -71,7 +75,11 @@ class LoadReport:
 
 
 def load_state_dict_checked(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, name: str, allow_unexpected: bool = False
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    name: str,
+    allow_unexpected: bool = False,
 ) -> LoadReport:
     """Copy ``state_dict`` into ``model``; any missing key, shape mismatch (or unexpected key) is an error.
 
