@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +81,63 @@ def reference_state_dict(
         return state_dict
 
     return build
+
+
+@pytest.fixture(scope="session")
+def reference_shaped_state_dict(
+    reference_manifest: Callable[[str], dict],
+) -> Callable[[str], dict[str, torch.Tensor]]:
+    """``reference_shaped_state_dict(checkpoint_name)``: every official key with its shape and dtype, all ones as
+    stride-0 views (a tiny file), to build missing-key, wrong and truncated files. A new dict on every call."""
+    import torch
+
+    def build(checkpoint_name: str) -> dict[str, torch.Tensor]:
+        return {
+            key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
+            for key, shape, dtype, *_ in reference_manifest(checkpoint_name)["entries"]
+        }
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def golden_case(golden_dir: Path) -> Callable[[ModuleType, Path], Mapping[str, np.ndarray]]:
+    """``golden_case(case, checkpoints)``: runs a ``retalk.selftest`` case module on its golden file with the
+    checkpoint files in ``checkpoints`` (CPU), asserts that it returns exactly the golden outputs, each within
+    ``retalk.selftest.compare`` of the case's tolerance (the README rule unless the case overrides it), and
+    returns the golden arrays."""
+    import numpy as np
+    import torch
+
+    from retalk.selftest import compare
+
+    def check(case: ModuleType, checkpoints: Path) -> Mapping[str, np.ndarray]:
+        golden = np.load(golden_dir / case.GOLDEN)
+        outputs = case.run(golden, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))
+        assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
+        for name, got in outputs.items():
+            row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name), output=name)
+            assert row.passed, row
+        return golden
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def randomize_weights() -> Callable[[torch.nn.Module, int], torch.nn.Module]:
+    """``randomize_weights(module, seed)``: every parameter filled with fan-in scaled normals (constructors leave
+    many at zero); returns the module in eval mode."""
+    import torch
+
+    def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in module.parameters():
+                draw = torch.randn(param.shape, generator=generator)
+                fan_in = math.prod(param.shape[1:]) if param.ndim >= 2 else 1
+                if param.ndim == 5:  # modulated conv weight [1, O, I, k, k]
+                    fan_in = math.prod(param.shape[2:])
+                param.copy_(draw / math.sqrt(fan_in) if param.ndim >= 2 else 1 + 0.3 * draw)
+        return module.eval()
+
+    return randomize

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
 from torch import Tensor, nn
 
 from retalk.errors import CheckpointError
@@ -26,26 +26,31 @@ class _StubLNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def shaped_lnet(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shaped_lnet(
+    reference_shaped_state_dict: Callable[[str], dict[str, Tensor]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A tiny LNet.pth with every official key (all ones) in the official container."""
     path = tmp_path_factory.mktemp("lnet") / "LNet.pth"
-    torch.save({"state_dict": shaped_state_dict(reference_dir, "LNet.pth")}, path)
+    torch.save({"state_dict": reference_shaped_state_dict("LNet.pth")}, path)
     return path
 
 
 @pytest.mark.golden
-def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
+def test_golden_through_selftest_case(
+    reference_state_dict: Callable[[str], dict[str, Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
     # ENet.pth holds E-Net's own keys; the embedded L-Net comes from LNet.pth (README "ENet is special")
-    torch.save({"state_dict": official_state_dict(reference_dir, NAME)}, tmp_path / NAME)
-    torch.save({"state_dict": official_state_dict(reference_dir, "LNet.pth")}, tmp_path / "LNet.pth")
-    golden = np.load(golden_dir / enet_case.GOLDEN)
-    out = enet_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    for name in ("pred", "low_res"):
-        assert_close_to_golden(out[name], golden[f"out.{name}"])
+    torch.save({"state_dict": reference_state_dict(NAME)}, tmp_path / NAME)
+    torch.save({"state_dict": reference_state_dict("LNet.pth")}, tmp_path / "LNet.pth")
+    golden_case(enet_case, tmp_path)
 
 
-def test_default_noise_is_fixed_and_the_same_for_every_frame() -> None:
-    model = randomize_(ENet(_StubLNet()), seed=0)
+def test_default_noise_is_fixed_and_the_same_for_every_frame(
+    randomize_weights: Callable[[nn.Module, int], nn.Module],
+) -> None:
+    model = randomize_weights(ENet(_StubLNet()), seed=0)
     rng = torch.Generator().manual_seed(1)
     mel, img_batch = torch.randn(2, 1, 80, 16, generator=rng), torch.rand(2, 6, 384, 384, generator=rng)
     with torch.inference_mode():
@@ -56,11 +61,14 @@ def test_default_noise_is_fixed_and_the_same_for_every_frame() -> None:
     torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5 * float(single.abs().max()))
 
 
-def test_low_res_keys_of_enet_pth_are_ignored(reference_dir: Path, shaped_lnet: Path, tmp_path: Path) -> None:
-    own = shaped_state_dict(reference_dir, NAME)
-    lnet_keys = [
-        key for key, *_ in json.loads((reference_dir / "manifests" / "LNet.pth.json").read_text())["entries"]
-    ]
+def test_low_res_keys_of_enet_pth_are_ignored(
+    reference_manifest: Callable[[str], dict],
+    reference_shaped_state_dict: Callable[[str], dict[str, Tensor]],
+    shaped_lnet: Path,
+    tmp_path: Path,
+) -> None:
+    own = reference_shaped_state_dict(NAME)
+    lnet_keys = [key for key, *_ in reference_manifest("LNet.pth")["entries"]]
     # a DataParallel-style file that also carries an (ignored) embedded L-Net full of sevens
     state_dict = {f"module.{k}": v for k, v in own.items()}
     state_dict.update({f"module.low_res.{k}": torch.full((), 7.0) for k in lnet_keys})
@@ -70,14 +78,16 @@ def test_low_res_keys_of_enet_pth_are_ignored(reference_dir: Path, shaped_lnet: 
     assert torch.equal(model.conv_body_first.weight, torch.ones(256, 3, 1, 1))
 
 
-def test_bad_files_are_refused(reference_dir: Path, shaped_lnet: Path, tmp_path: Path) -> None:
-    own = shaped_state_dict(reference_dir, NAME)
+def test_bad_files_are_refused(
+    reference_shaped_state_dict: Callable[[str], dict[str, Tensor]], shaped_lnet: Path, tmp_path: Path
+) -> None:
+    own = reference_shaped_state_dict(NAME)
     del own["style_convs.2.weight"]
     torch.save({"state_dict": own}, tmp_path / NAME)
     with pytest.raises(CheckpointError, match=r"ENet\.pth: 1 missing key.*style_convs\.2\.noise_strength"):
         load_enet(tmp_path / NAME, shaped_lnet)
 
-    torch.save({"state_dict": shaped_state_dict(reference_dir, "GFPGANv1.3.pth")}, tmp_path / NAME)
+    torch.save({"state_dict": reference_shaped_state_dict("GFPGANv1.3.pth")}, tmp_path / NAME)
     with pytest.raises(CheckpointError, match=r"ENet\.pth: .*right file"):
         load_enet(tmp_path / NAME, shaped_lnet)
 

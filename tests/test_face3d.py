@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,30 +12,24 @@ import torch
 
 from retalk.errors import CheckpointError
 from retalk.models.face3d import CHECKPOINT_NAME, COEFF_LAYOUT, ReconNet, load_face3d
-from retalk.selftest import compare
 from retalk.selftest import face3d_recon as case
 
 
 @pytest.fixture(scope="module")
-def shaped_sd(reference_manifest: Callable[[str], dict]) -> dict[str, torch.Tensor]:
-    """Every official key with its shape, as stride-0 views of one value (a tiny file), for key handling."""
-    return {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
-    }
+def shaped_sd(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    return reference_shaped_state_dict(CHECKPOINT_NAME)
 
 
 @pytest.mark.golden
 def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
     torch.save({"net_recon": reference_state_dict(CHECKPOINT_NAME)}, tmp_path / CHECKPOINT_NAME)
-    golden = np.load(golden_dir / case.GOLDEN)
-    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
-    for name, got in outputs.items():
-        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
-        assert row.passed, row
+    golden_case(case, tmp_path)
 
 
 def test_official_keys_load_as_is(shaped_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:

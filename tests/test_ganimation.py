@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,21 +18,17 @@ from retalk.models.ganimation import (
     expression_aus,
     load_ganimation,
 )
-from retalk.selftest import compare
 from retalk.selftest import ganimation_gen as case
 
 
 @pytest.mark.golden
 def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
     torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden = np.load(golden_dir / case.GOLDEN)
-    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
-    for name, got in outputs.items():
-        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
-        assert row.passed, row
+    golden_case(case, tmp_path)
 
 
 def test_expression_presets_match_the_golden_inputs(golden_dir: Path) -> None:
@@ -57,12 +53,9 @@ def test_compose_keeps_the_face_where_the_mask_is_one() -> None:
 
 
 def test_extra_entries_are_ignored_but_missing_ones_are_named(
-    reference_manifest: Callable[[str], dict], tmp_path: Path
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
-    shaped = {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
-    }
+    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
     path = tmp_path / CHECKPOINT_NAME
     torch.save(
         {**shaped, "_metadata_like": torch.zeros(1)}, path

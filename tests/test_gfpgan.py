@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
 
 from retalk.errors import CheckpointError
 from retalk.models.gfpgan import GFPGANv1Clean, load_gfpgan
@@ -18,9 +18,9 @@ NAME = "GFPGANv1.3.pth"
 
 
 @pytest.fixture(scope="module")
-def small_model() -> GFPGANv1Clean:
+def small_model(randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Module]) -> GFPGANv1Clean:
     """A narrow 64 px GFPGAN with random weights: the same code paths at a fraction of the cost."""
-    model = randomize_(GFPGANv1Clean(out_size=64, style_dim=32, narrow=1 / 16), seed=0)
+    model = randomize_weights(GFPGANv1Clean(out_size=64, style_dim=32, narrow=1 / 16), seed=0)
     with torch.no_grad():
         for i, buffer in enumerate(model.noises.buffers()):
             buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(100 + i)))
@@ -28,11 +28,13 @@ def small_model() -> GFPGANv1Clean:
 
 
 @pytest.mark.golden
-def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
-    torch.save({"params_ema": official_state_dict(reference_dir, NAME)}, tmp_path / NAME)
-    golden = np.load(golden_dir / gfpgan_case.GOLDEN)
-    out = gfpgan_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert_close_to_golden(out["image"], golden["out.image"])
+def test_golden_through_selftest_case(
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    torch.save({"params_ema": reference_state_dict(NAME)}, tmp_path / NAME)
+    golden_case(gfpgan_case, tmp_path)
 
 
 def test_stored_noise_is_the_default_and_a_generator_replaces_it(small_model: GFPGANv1Clean) -> None:
@@ -58,8 +60,10 @@ def test_batch_items_are_independent(small_model: GFPGANv1Clean) -> None:
     torch.testing.assert_close(batched[1:], single, rtol=0, atol=1e-5 * float(single.abs().max()))
 
 
-def test_unused_heads_are_dropped_and_every_other_key_is_needed(reference_dir: Path, tmp_path: Path) -> None:
-    state_dict = shaped_state_dict(reference_dir, NAME)
+def test_unused_heads_are_dropped_and_every_other_key_is_needed(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    state_dict = reference_shaped_state_dict(NAME)
     torch.save({"params": state_dict}, tmp_path / NAME)  # the fallback container key
     assert isinstance(load_gfpgan(tmp_path / NAME), GFPGANv1Clean)
 
@@ -71,8 +75,10 @@ def test_unused_heads_are_dropped_and_every_other_key_is_needed(reference_dir: P
         load_gfpgan(tmp_path / NAME)
 
 
-def test_wrong_and_truncated_files_are_refused(reference_dir: Path, tmp_path: Path) -> None:
-    torch.save({"params_ema": shaped_state_dict(reference_dir, "GPEN-BFR-512.pth")}, tmp_path / NAME)
+def test_wrong_and_truncated_files_are_refused(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    torch.save({"params_ema": reference_shaped_state_dict("GPEN-BFR-512.pth")}, tmp_path / NAME)
     with pytest.raises(CheckpointError, match=r"GFPGANv1\.3\.pth: .*right file"):
         load_gfpgan(tmp_path / NAME)
 

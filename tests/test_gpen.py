@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from test_stylegan2 import assert_close_to_golden, official_state_dict, randomize_, shaped_state_dict
 
 from retalk.errors import CheckpointError
 from retalk.models.gpen import GPEN, load_gpen
@@ -18,15 +18,19 @@ NAME = "GPEN-BFR-512.pth"
 
 
 @pytest.mark.golden
-def test_golden_through_selftest_case(reference_dir: Path, golden_dir: Path, tmp_path: Path) -> None:
-    torch.save(official_state_dict(reference_dir, NAME), tmp_path / NAME)
-    golden = np.load(golden_dir / gpen_case.GOLDEN)
-    out = gpen_case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert_close_to_golden(out["image"], golden["out.image"])
+def test_golden_through_selftest_case(
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    torch.save(reference_state_dict(NAME), tmp_path / NAME)
+    golden_case(gpen_case, tmp_path)
 
 
-def test_batch_items_are_independent_and_repeatable() -> None:
-    model = randomize_(GPEN(size=64, style_dim=32, n_mlp=2, narrow=1 / 16), seed=0)
+def test_batch_items_are_independent_and_repeatable(
+    randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Module],
+) -> None:
+    model = randomize_weights(GPEN(size=64, style_dim=32, n_mlp=2, narrow=1 / 16), seed=0)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.inference_mode():
         batched = model(x)
@@ -39,8 +43,10 @@ def test_batch_items_are_independent_and_repeatable() -> None:
     assert not torch.allclose(batched[0], batched[1], atol=1e-3 * float(single.abs().max()))
 
 
-def test_every_official_key_is_needed(reference_dir: Path, tmp_path: Path) -> None:
-    state_dict = shaped_state_dict(reference_dir, NAME)
+def test_every_official_key_is_needed(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    state_dict = reference_shaped_state_dict(NAME)
     torch.save(state_dict, tmp_path / NAME)
     assert isinstance(load_gpen(tmp_path / NAME), GPEN)
 
@@ -52,8 +58,10 @@ def test_every_official_key_is_needed(reference_dir: Path, tmp_path: Path) -> No
         load_gpen(tmp_path / NAME)
 
 
-def test_wrong_and_truncated_files_are_refused(reference_dir: Path, tmp_path: Path) -> None:
-    torch.save(shaped_state_dict(reference_dir, "GFPGANv1.3.pth"), tmp_path / NAME)
+def test_wrong_and_truncated_files_are_refused(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    torch.save(reference_shaped_state_dict("GFPGANv1.3.pth"), tmp_path / NAME)
     with pytest.raises(CheckpointError, match=r"GPEN-BFR-512\.pth: .*right file"):
         load_gpen(tmp_path / NAME)
 

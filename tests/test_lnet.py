@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,13 +17,10 @@ from retalk.selftest import lnet as lnet_case
 
 
 @pytest.fixture(scope="module")
-def shaped_sd(reference_manifest: Callable[[str], dict]) -> dict[str, torch.Tensor]:
-    """Every official key with its shape and dtype, all ones (stride-0 views: a tiny file), for key handling."""
-    manifest = reference_manifest("LNet.pth")
-    return {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in manifest["entries"]
-    }
+def shaped_sd(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    return reference_shaped_state_dict("LNet.pth")
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +34,10 @@ def checkpoints(
 
 
 @pytest.mark.golden
-def test_golden_through_selftest_case(checkpoints: Path, golden_dir: Path) -> None:
-    golden = np.load(golden_dir / lnet_case.GOLDEN)
-    out = lnet_case.run(golden, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))["out"]
-    ref = golden["out.out"]
-    assert out.shape == ref.shape
-    # README tolerances: rel L2 <= 1e-4, max abs <= 1e-3 * max|ref|
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-4
-    assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+def test_golden_through_selftest_case(
+    checkpoints: Path, golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]]
+) -> None:
+    golden_case(lnet_case, checkpoints)
 
 
 def test_batch_items_are_independent() -> None:

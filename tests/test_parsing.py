@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,21 +19,17 @@ from retalk.models.parsing import (
     face_region_mask,
     load_parsenet,
 )
-from retalk.selftest import compare
 from retalk.selftest import parsenet as case
 
 
 @pytest.mark.golden
 def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
     torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden = np.load(golden_dir / case.GOLDEN)
-    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
-    for name, got in outputs.items():
-        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
-        assert row.passed, row
+    golden = golden_case(case, tmp_path)
     # the pipeline's use: the face-region mask of the arg-max labels
     mask = face_region_mask(torch.from_numpy(golden["out.out_mask_sub4"]))
     expected = np.isin(golden["out.out_mask_argmax"][:, ::4, ::4], FACE_LABELS)
@@ -55,11 +51,10 @@ def test_face_region_mask_maps_argmax_labels() -> None:
     assert face_region_mask(logits, MOUTH_LABELS).tolist() == [[[0, 0, 255, 0]]]
 
 
-def test_checkpoint_errors_name_the_file(reference_manifest: Callable[[str], dict], tmp_path: Path) -> None:
-    shaped = {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
-    }
+def test_checkpoint_errors_name_the_file(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
     path = tmp_path / CHECKPOINT_NAME
     assert load_parsenet(_save(shaped, path)) is not None
     missing = "encoder.1.shortcut_func.conv2d.weight"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,23 +20,19 @@ from retalk.models.retinaface import (
     load_retinaface,
     prior_boxes,
 )
-from retalk.selftest import compare
 from retalk.selftest import retinaface_r50 as case
 
 
 @pytest.mark.golden
 def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
     # the reference's container: 'state_dict' with DataParallel's 'module.' prefix, both optional
     state_dict = {f"module.{k}": v for k, v in reference_state_dict(CHECKPOINT_NAME).items()}
     torch.save({"state_dict": state_dict}, tmp_path / CHECKPOINT_NAME)
-    golden = np.load(golden_dir / case.GOLDEN)
-    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
-    for name, got in outputs.items():
-        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
-        assert row.passed, row
+    golden_case(case, tmp_path)
 
 
 def test_priors_follow_cfg_re50() -> None:
@@ -106,11 +102,10 @@ def test_detect_faces_feeds_bgr_minus_means() -> None:
     assert model.pixel == [200 - 104, -117, -123]
 
 
-def test_checkpoint_errors_name_the_file(reference_manifest: Callable[[str], dict], tmp_path: Path) -> None:
-    shaped = {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
-    }
+def test_checkpoint_errors_name_the_file(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
     path = tmp_path / CHECKPOINT_NAME
     torch.save({k: v for k, v in shaped.items() if k != "ssh2.conv7x7_3.0.weight"}, path)
     with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*ssh2\.conv7x7_3\.0\.weight"):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,21 +12,17 @@ import torch
 
 from retalk.errors import CheckpointError
 from retalk.models.s3fd import CHECKPOINT_NAME, decode_detections, load_s3fd, nms, prepare_batch
-from retalk.selftest import compare
 from retalk.selftest import s3fd as case
 
 
 @pytest.mark.golden
 def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], golden_dir: Path, tmp_path: Path
+    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    tmp_path: Path,
 ) -> None:
     torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden = np.load(golden_dir / case.GOLDEN)
-    outputs = case.run(golden, json.loads(str(golden["meta"])), tmp_path, torch.device("cpu"))
-    assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
-    for name, got in outputs.items():
-        row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name))
-        assert row.passed, row
+    golden_case(case, tmp_path)
 
 
 def test_prepare_batch_subtracts_bgr_means_from_either_order() -> None:
@@ -89,11 +85,10 @@ def test_nms_uses_inclusive_pixel_areas() -> None:
     assert nms(boxes, np.array([0.9, 0.8]), 0.34).tolist() == [0, 1]
 
 
-def test_checkpoint_errors_name_the_file(reference_manifest: Callable[[str], dict], tmp_path: Path) -> None:
-    shaped = {
-        key: torch.ones((), dtype=getattr(torch, dtype)).expand(shape)
-        for key, shape, dtype, *_ in reference_manifest(CHECKPOINT_NAME)["entries"]
-    }
+def test_checkpoint_errors_name_the_file(
+    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
     path = tmp_path / CHECKPOINT_NAME
     torch.save({k: v for k, v in shaped.items() if k != "conv4_3_norm.weight"}, path)
     with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*conv4_3_norm\.weight"):

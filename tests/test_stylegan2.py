@@ -1,12 +1,9 @@
-"""The shared StyleGAN2 parts against independent formulations; helpers for the E-Net/GFPGAN/GPEN tests."""
+"""The shared StyleGAN2 parts against independent formulations."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,52 +19,6 @@ from retalk.models.stylegan2 import (
     resolve_noise,
     upfirdn2d,
 )
-
-# --- helpers shared with test_enet.py, test_gfpgan.py and test_gpen.py ---
-
-
-def load_detweights(reference_dir: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def official_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
-    """The reference-key state dict filled by the golden weight rule (checked against the manifest's sha256)."""
-    detweights = load_detweights(reference_dir)
-    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
-    state_dict = detweights.deterministic_state_dict(manifest["entries"])
-    assert detweights.state_dict_sha256(state_dict) == manifest["fill_sha256"]
-    return state_dict
-
-
-def shaped_state_dict(reference_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
-    """Every official key with its shape, all ones as stride-0 views (a tiny file), for key handling tests."""
-    manifest = json.loads((reference_dir / "manifests" / f"{checkpoint}.json").read_text())
-    return {key: torch.ones(()).expand(shape) for key, shape, *_ in manifest["entries"]}
-
-
-def assert_close_to_golden(got: np.ndarray, ref: np.ndarray) -> None:
-    """README rule: rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref| (float64)."""
-    got, ref = got.astype(np.float64), ref.astype(np.float64)
-    assert got.shape == ref.shape
-    assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
-    assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fill every parameter with fan-in scaled normals (constructors leave many at zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            draw = torch.randn(param.shape, generator=generator)
-            fan_in = math.prod(param.shape[1:]) if param.ndim >= 2 else 1
-            if param.ndim == 5:  # modulated conv weight [1, O, I, k, k]
-                fan_in = math.prod(param.shape[2:])
-            param.copy_(draw / math.sqrt(fan_in) if param.ndim >= 2 else 1 + 0.3 * draw)
-    return module.eval()
-
 
 # --- upfirdn2d ---
 
@@ -133,8 +84,10 @@ def _modulate_activations(conv: ModulatedConv2d, x: torch.Tensor, style: torch.T
 
 
 @pytest.mark.parametrize("upsample", [None, "bilinear", "fir"])
-def test_modulated_conv_equals_activation_modulation(upsample: str | None) -> None:
-    conv = randomize_(ModulatedConv2d(5, 4, 3, style_dim=6, upsample=upsample), seed=1)
+def test_modulated_conv_equals_activation_modulation(
+    upsample: str | None, randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Module]
+) -> None:
+    conv = randomize_weights(ModulatedConv2d(5, 4, 3, style_dim=6, upsample=upsample), seed=1)
     x = torch.randn(3, 5, 8, 7, generator=torch.Generator().manual_seed(2))
     style = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -146,8 +99,10 @@ def test_modulated_conv_equals_activation_modulation(upsample: str | None) -> No
 # --- noise ---
 
 
-def test_generator_noise_is_the_same_for_every_frame_of_a_batch() -> None:
-    layer = randomize_(StyleConv(4, 6, style_dim=5), seed=4)
+def test_generator_noise_is_the_same_for_every_frame_of_a_batch(
+    randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Module],
+) -> None:
+    layer = randomize_weights(StyleConv(4, 6, style_dim=5), seed=4)
     x = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(5))
     style = torch.randn(3, 5, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
@@ -158,8 +113,10 @@ def test_generator_noise_is_the_same_for_every_frame_of_a_batch() -> None:
     assert not torch.allclose(alone, other_seed, atol=1e-3)
 
 
-def test_concatenated_noise_doubles_the_channels() -> None:
-    layer = randomize_(StyleConv(4, 6, style_dim=5, upsample="fir", concat_noise=True), seed=9)
+def test_concatenated_noise_doubles_the_channels(
+    randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Module],
+) -> None:
+    layer = randomize_weights(StyleConv(4, 6, style_dim=5, upsample="fir", concat_noise=True), seed=9)
     x, style = torch.randn(2, 4, 5, 5), torch.randn(2, 5)
     features = torch.randn(2, 6, 10, 10)
     with torch.inference_mode():

@@ -1,0 +1,47 @@
+"""``retalk selftest``: every network and function against the reference's golden outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from retalk.device import resolve_device
+from retalk.selftest import format_table, rows_to_json, run_selftest
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "selftest", help="check every network against the golden outputs (synthetic weights)"
+    )
+    parser.add_argument(
+        "--golden",
+        type=Path,
+        metavar="DIR",
+        help="folder of golden *.npz (default: ../shared/reference/golden)",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="DIR",
+        help="where to write the synthetic checkpoints (default: user cache)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    parser.set_defaults(func=selftest_command)
+
+
+def selftest_command(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    rows = run_selftest(
+        args.golden,
+        args.checkpoints,
+        device,
+        on_start=lambda name: print(f"selftest: {name}", file=sys.stderr),
+    )
+    print(json.dumps(rows_to_json(rows)) if args.json else format_table(rows))
+    failed = sum(not r.passed for r in rows)
+    if not args.json:
+        print(f"{len(rows) - failed} passed, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,248 @@
+"""``retalk selftest``: every network and function against the golden outputs of the reference code.
+
+Each golden file ``<name>.npz`` (inputs ``in.*``, outputs ``out.*``, a JSON ``meta``) is served by one
+case module in this package that declares ``GOLDEN = "<name>.npz"``, the official files it loads
+(``CHECKPOINTS``), optional per-output ``TOLERANCES``, and ``run(golden, meta, checkpoints, device)``
+returning its outputs keyed like the golden outputs without the ``out.`` prefix (files without
+``out.`` keys, such as ``functions.npz``, are keyed by the full golden name). The runner writes the
+case's checkpoints filled by the deterministic weight rule, runs the case through the real loaders
+and compares every output with the reference tolerances. Any missing case, missing output or
+exception is a failed row; the run goes on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import platformdirs
+import torch
+
+from retalk.errors import InputError
+from retalk.registry import synth
+
+# README "How to compare": rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
+REL_L2 = 1e-4
+MAX_ABS_OF_PEAK = 1e-3
+
+
+@dataclass(frozen=True)
+class SelftestRow:
+    network: str  # golden file stem, e.g. "LNet"
+    output: str  # output name without "out.", or "-" when the whole case failed
+    max_abs: float | None
+    rel_l2: float | None
+    passed: bool
+    detail: str  # the rule applied, or why the row failed
+
+
+def default_golden_dir() -> Path:
+    """``../shared/reference/golden`` beside the repository checkout (``$RETALK_SHARED`` overrides ../shared)."""
+    shared = Path(os.environ.get("RETALK_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
+    return shared / "reference" / "golden"
+
+
+def default_checkpoints_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
+
+
+def discover_cases() -> tuple[dict[str, ModuleType], list[SelftestRow]]:
+    """Case modules by golden file name, plus a failed row for each module that does not import."""
+    cases: dict[str, ModuleType] = {}
+    broken: list[SelftestRow] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        try:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as err:  # a case under construction must not stop the others
+            broken.append(
+                SelftestRow(
+                    info.name, "-", None, None, False, f"case module does not import: {_one_line(err)}"
+                )
+            )
+            continue
+        golden = getattr(module, "GOLDEN", None)
+        if isinstance(golden, str):
+            cases[golden] = module
+    return cases, broken
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"[:200]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def compare(
+    ref: Any, got: Any, tol: Mapping[str, Any] | None = None, *, network: str = "", output: str = ""
+) -> SelftestRow:
+    """Compare one output with its golden value.
+
+    Default rule (README): rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|. Overrides in ``tol``:
+    ``exact`` (identical values), ``min_equal`` (fraction of equal elements, label maps),
+    ``max_grey`` (max abs difference, integer images), ``atol``/``rtol`` (elementwise
+    ``|got - ref| <= atol + rtol * |ref|``).
+    """
+    tol = dict(tol or {})
+    ref_arr, got_arr = _to_numpy(ref), _to_numpy(got)
+
+    def row(
+        passed: bool, detail: str, max_abs: float | None = None, rel_l2: float | None = None
+    ) -> SelftestRow:
+        return SelftestRow(network, output, max_abs, rel_l2, passed, detail)
+
+    if got_arr.shape != ref_arr.shape:
+        return row(False, f"shape {got_arr.shape} vs golden {ref_arr.shape}")
+    ref64, got64 = ref_arr.astype(np.float64), got_arr.astype(np.float64)
+    if not np.isfinite(got64).all():
+        return row(False, "output has NaN or inf")
+    diff = np.abs(got64 - ref64)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    ref_norm, diff_norm = float(np.linalg.norm(ref64)), float(np.linalg.norm(got64 - ref64))
+    rel_l2 = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else float("inf"))
+    if tol.get("exact"):
+        return row(bool(np.array_equal(got64, ref64)), "exact", max_abs, rel_l2)
+    if "min_equal" in tol:
+        equal = float(np.mean(got64 == ref64)) if ref64.size else 1.0
+        return row(equal >= tol["min_equal"], f"{equal:.5f} equal (>= {tol['min_equal']})", max_abs, rel_l2)
+    if "max_grey" in tol:
+        return row(max_abs <= tol["max_grey"], f"max abs <= {tol['max_grey']}", max_abs, rel_l2)
+    if "atol" in tol or "rtol" in tol:
+        atol, rtol = float(tol.get("atol", 0.0)), float(tol.get("rtol", 0.0))
+        passed = bool(np.all(diff <= atol + rtol * np.abs(ref64)))
+        return row(passed, f"|diff| <= {atol:g} + {rtol:g}*|ref|", max_abs, rel_l2)
+    peak = float(np.abs(ref64).max()) if ref64.size else 0.0
+    passed = rel_l2 <= REL_L2 and max_abs <= MAX_ABS_OF_PEAK * peak
+    return row(passed, f"rel L2 <= {REL_L2:g}, max abs <= {MAX_ABS_OF_PEAK:g}*{peak:.4g}", max_abs, rel_l2)
+
+
+def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays of a golden file and its JSON metadata (``meta``; ``notes``/``versions`` in functions.npz)."""
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            value = data[key]
+            if value.dtype.kind == "U" and value.ndim == 0 and key in ("meta", "notes", "versions"):
+                try:
+                    parsed = json.loads(str(value))
+                except ValueError:
+                    parsed = str(value)
+                if key == "meta" and isinstance(parsed, dict):
+                    meta.update(parsed)
+                else:
+                    meta[key] = parsed
+            else:
+                arrays[key] = value
+    return arrays, meta
+
+
+def run_case(
+    golden_path: Path, case: ModuleType, checkpoints_dir: Path, device: torch.device
+) -> list[SelftestRow]:
+    network = golden_path.stem
+    try:
+        golden, meta = load_golden(golden_path)
+        synth(checkpoints_dir, getattr(case, "CHECKPOINTS", ()))
+        inputs = {k: v for k, v in golden.items() if not k.startswith("out.")}  # the case never sees answers
+        with torch.inference_mode():
+            outputs = case.run(inputs, meta, checkpoints_dir, device)
+    except Exception as err:  # one broken case is one failed row, not a crashed selftest
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        return [
+            SelftestRow(
+                network,
+                "-",
+                None,
+                None,
+                False,
+                f"{_one_line(err)} ({Path(where.filename).name}:{where.lineno})",
+            )
+        ]
+    tolerances: Mapping[str, Mapping[str, Any]] = getattr(case, "TOLERANCES", {}) or {}
+    expected = [k.removeprefix("out.") for k in golden if k.startswith("out.")]
+    rows = []
+    for name in expected:
+        if name not in outputs:
+            rows.append(SelftestRow(network, name, None, None, False, "the case does not return this output"))
+    for name, value in outputs.items():
+        ref = golden.get(f"out.{name}", golden.get(name))
+        if ref is None:
+            rows.append(SelftestRow(network, name, None, None, False, "not in the golden file"))
+        else:
+            rows.append(compare(ref, value, tolerances.get(name), network=network, output=name))
+    if not rows:
+        rows.append(SelftestRow(network, "-", None, None, False, "the case returned no outputs"))
+    return rows
+
+
+def run_selftest(
+    golden_dir: str | Path | None = None,
+    checkpoints_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    on_start: Callable[[str], None] | None = None,
+) -> list[SelftestRow]:
+    """Run every golden file in ``golden_dir`` through its case; one row per compared output."""
+    golden_dir = Path(golden_dir) if golden_dir is not None else default_golden_dir()
+    if not golden_dir.is_dir():
+        raise InputError(
+            f"no golden data at {golden_dir}; pass --golden DIR (the shared/reference/golden folder)"
+        )
+    files = sorted(golden_dir.glob("*.npz"))
+    if not files:
+        raise InputError(f"{golden_dir} holds no *.npz golden files; pass --golden DIR")
+    checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else default_checkpoints_dir()
+    device = torch.device(device)
+    cases, rows = discover_cases()
+    for path in files:
+        if on_start:
+            on_start(path.name)
+        case = cases.get(path.name)
+        if case is None:
+            rows.append(
+                SelftestRow(
+                    path.stem, "-", None, None, False, f"no selftest case declares GOLDEN = {path.name!r}"
+                )
+            )
+        else:
+            rows.extend(run_case(path, case, checkpoints_dir, device))
+    return rows
+
+
+def format_table(rows: list[SelftestRow]) -> str:
+    """Plain-text table: network, output, max abs error, rel L2 error, PASS/FAIL and the rule or reason."""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3e}"
+
+    lines = [("network", "output", "max abs", "rel L2", "result", "rule / reason")]
+    lines += [
+        (r.network, r.output, number(r.max_abs), number(r.rel_l2), "PASS" if r.passed else "FAIL", r.detail)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line[:5], widths, strict=True)) + "  " + line[5]
+        for line in lines
+    )
+
+
+def rows_to_json(rows: list[SelftestRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
