@@ -29,11 +29,9 @@ from typing import Any
 
 import numpy as np
 import platformdirs
-import torch
 from tqdm import tqdm
 
 from retalk.errors import CheckpointError
-from retalk.synthetic import deterministic_state_dict, deterministic_tensor, state_dict_sha256
 
 RELEASE = "https://github.com/vinthony/video-retalking/releases/download/v0.0.1/"
 FACE_ALIGNMENT = "https://www.adrianbulat.com/downloads/python-fan/"
@@ -340,6 +338,8 @@ def _looks_truncated(path: Path, spec: CheckpointSpec) -> bool:
 
 
 def _tensor_shapes(obj: Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    import torch  # lazily: the preview path never needs torch
+
     if obj is None:
         return {}
     return {k: tuple(v.shape) for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -377,6 +377,8 @@ def _few(items: Sequence[str]) -> str:
 
 
 def _verify_torch(path: Path, spec: CheckpointSpec) -> VerifyResult:
+    import torch  # lazily: the preview path never needs torch
+
     def result(status: str, message: str) -> VerifyResult:
         return VerifyResult(spec.name, status, path, f"{spec.name}: {message}")
 
@@ -699,6 +701,10 @@ def _synth_state(dest: Path, spec: CheckpointSpec, stamps: Mapping[str, Mapping[
 
 
 def _write_torch(spec: CheckpointSpec, tmp: Path) -> None:
+    import torch  # lazily: the preview path never needs torch
+
+    from retalk.synthetic import deterministic_state_dict, state_dict_sha256
+
     container = spec.container
     assert container is not None
     state = deterministic_state_dict(spec.entries)
@@ -717,6 +723,9 @@ def _write_torch(spec: CheckpointSpec, tmp: Path) -> None:
 
 def _write_mat(spec: CheckpointSpec, tmp: Path) -> None:
     import scipy.io
+    import torch  # lazily: the preview path never needs torch
+
+    from retalk.synthetic import deterministic_tensor
 
     if spec.name == "expression.mat":
         variables = {
