@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from mediagen import write_face_clip, write_tone
 from retalk_protocol.client import Client, frame_array
-from test_server_support import GATE_ENV, GATED_RUNNER, ServerProcess
+from server_support import GATE_ENV, GATED_RUNNER, ServerProcess
 
 from retalk import media
 from retalk.cli import main as retalk_main

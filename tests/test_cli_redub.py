@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 
+from mediagen import write_face_clip, write_tone
+
 from retalk import media
 from retalk.cli import main
-from tests.mediagen import write_face_clip, write_tone
 
 
 def test_redub_json_end_to_end(tmp_path, capsys):

@@ -7,11 +7,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from mediagen import face_image
 
 from retalk import media
 from retalk.pipeline.preview import inner_lip_gap, mouth_drive, pose_mouth, render_frame
 from retalk.tracking import DlibDetector, DlibLandmarks, track_faces
-from tests.mediagen import face_image
 
 SR = 16000
 RATE = Fraction(25)

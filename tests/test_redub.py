@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 import soundfile
+from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline import ProgressEvent, RedubRequest, redub
 from retalk.pipeline.cache import ArtifactCache, cache_key
 from retalk.tracking import track_faces
-from tests.mediagen import face_image, write_face_clip, write_tone
 
 OUT_SR = 48000  # the sample rate redub writes
 

@@ -3,7 +3,7 @@
 
 Only the editor is scripted: ScriptedUI answers in place of the dialogs, or Editor clicks through FusionUI on a
 UIManager stand-in. The script, its bridge process, the protocol client and the server are the real ones; the
-server's workers run test_server_support's gated runner, which is the real pipeline once its gate is open (the
+server's workers run server_support's gated runner, which is the real pipeline once its gate is open (the
 cancel tests close the gate so Cancel lands mid-job every time).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import resolve_fake
 from mediagen import write_face_clip, write_tone
-from test_server_support import GATE_ENV, GATED_RUNNER, ServerProcess
+from server_support import GATE_ENV, GATED_RUNNER, ServerProcess
 
 from retalk import media
 from retalk.cli import main as retalk_main

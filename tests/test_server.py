@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from retalk_protocol import codec
 from retalk_protocol.client import Client, audio_array, frame_array
 from retalk_protocol.codec import ProtocolError
-from test_server_support import CLIP_FRAMES, ServerProcess, make_media, wait_for
+from server_support import CLIP_FRAMES, ServerProcess, make_media, wait_for
 
 from retalk import media
 from retalk.cli import main as retalk_main

@@ -1,6 +1,6 @@
 """Faults (PROTOCOL.md §8): SIGKILL of the server mid-job, dying workers, cancellation mid-job.
 
-One worker whose runner holds each attempt at a gate (test_server_support.gated_runner) so a test can strike
+One worker whose runner holds each attempt at a gate (server_support.gated_runner) so a test can strike
 at a known point; past the gate the real preview pipeline runs.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
-from test_server_support import GATE_ENV, GATED_RUNNER, ServerProcess, make_media, started_markers, wait_for
+from server_support import GATE_ENV, GATED_RUNNER, ServerProcess, make_media, started_markers, wait_for
 
 LOSSLESS = {"codec": "lossless"}
 

@@ -9,7 +9,7 @@ from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
 from retalk_server import Server, ServerConfig
 from retalk_server.journal import Journal
-from test_server_support import InstantPool, make_media, wait_for
+from server_support import InstantPool, make_media, wait_for
 
 
 def test_s8_1_unfinished_jobs_survive_a_reopen_and_a_cut_run_is_not_counted(tmp_path):

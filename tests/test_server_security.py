@@ -10,7 +10,7 @@ import zmq.auth
 from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
 from retalk_server import Server, ServerConfig
-from test_server_support import IdlePool
+from server_support import IdlePool
 
 from retalk.cli import main as retalk_main
 from retalk.errors import InputError

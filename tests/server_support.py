@@ -24,7 +24,7 @@ from retalk.errors import CancelledError
 
 TESTS = Path(__file__).resolve().parent
 GATE_ENV = "RETALK_TEST_GATE"
-GATED_RUNNER = "test_server_support:gated_runner"
+GATED_RUNNER = "server_support:gated_runner"
 CLIP_FRAMES = 6
 
 
