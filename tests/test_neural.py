@@ -1,0 +1,217 @@
+"""The neural engine: stage functions with stand-in networks (colour orders, geometry, noise), then the
+whole re-dub with synthetic checkpoints (meaningless images: structure, exact timing, untouched pixels,
+faceless frames, determinism and the prepare cache)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import cv2
+import numpy as np
+import pytest
+import soundfile
+import torch
+from mediagen import face_image, write_face_clip, write_tone
+
+from retalk import media
+from retalk.align import FACE_TEMPLATE_FFHQ_512, five_points
+from retalk.pipeline import RedubRequest, redub
+from retalk.pipeline import neural_stages as stages
+from retalk.pipeline.neural import _nearest_found
+from retalk.registry import synth
+from retalk.tracking import track_faces
+
+RATE = Fraction(25)
+OUT_SR = 48000
+CPU = torch.device("cpu")
+
+
+# --- stage functions with stand-in networks --------------------------------------------------------------------
+
+
+def test_lip_sync_keeps_rgb_and_feeds_enet_bgr_with_the_lower_half_masked():
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
+    refs = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
+    seen = {}
+
+    def enet(mel, img_batch, reference, noise):
+        seen["img"], seen["noise"] = img_batch, noise
+        return reference, None  # a stand-in that returns its reference unchanged
+
+    out = stages.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, [1, 2], CPU)
+    np.testing.assert_array_equal(out, refs)  # RGB in, E-Net's BGR world, RGB out
+    masked = (seen["img"][:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert not masked[:, 192:].any()
+    np.testing.assert_array_equal(masked[:, :192], faces[:, :192, :, ::-1])  # BGR
+    assert [tuple(n.shape) for n in seen["noise"]] == [(2, 1, 200, 200)] * 2 + [(2, 1, 400, 400)] * 2
+
+
+def test_per_frame_noise_does_not_depend_on_batch_mates():
+    shapes = [(4, 4), (8, 8)]
+    alone = stages.per_frame_noise([7], shapes, CPU)
+    together = stages.per_frame_noise([3, 7], shapes, CPU)
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a[0], b[1], rtol=0, atol=0)
+        assert not torch.equal(b[0], b[1])
+
+
+def _generated_frame(media_dir) -> np.ndarray:
+    frame = np.zeros((360, 480, 3), np.uint8)
+    frame[52:308, 112:368] = face_image()
+    return frame
+
+
+def _face1_frame(media_dir) -> np.ndarray:
+    return next(media.iter_frames(media_dir / "face1.mp4", 0, 1)).frames[0]
+
+
+@pytest.fixture(params=[_generated_frame, _face1_frame], ids=["generated", "face1"])
+def face_frame(request):
+    # face1 needs ../shared: ask for the fixture (it skips when absent) only for that case
+    media_dir = request.getfixturevalue("media_dir") if request.param is _face1_frame else None
+    return request.param(media_dir)
+
+
+def test_restored_face_pastes_back_where_it_was_taken(face_frame):
+    """An identity 'restorer' (the aligned input itself) pasted back reproduces the frame inside the face."""
+    frame = face_frame
+    height, width = frame.shape[:2]
+    track = track_faces([frame])
+    assert track.found[0]
+    lm = track.landmarks[0]
+    matrix = cv2.estimateAffinePartial2D(five_points(lm).astype(np.float32), FACE_TEMPLATE_FFHQ_512)[0]
+    aligned = cv2.warpAffine(frame, matrix, (512, 512))
+    box = stages.paste_box(track.boxes[0], width, height)
+    x1, y1, x2, y2 = stages.work_region(box, width, height)
+    region = frame[y1:y2, x1:x2]
+    back = stages.paste_back_restored(np.zeros_like(region), aligned, matrix, (x1, y1))
+    bx1, by1, bx2, by2 = box
+    qw, qh = (bx2 - bx1) // 4, (by2 - by1) // 4  # the central half of the box, well inside the soft mask
+    inner = (slice(by1 - y1 + qh, by2 - y1 - qh), slice(bx1 - x1 + qw, bx2 - x1 - qw))
+    error = np.abs(back[inner].astype(int) - region[inner].astype(int))
+    assert error.mean() < 2  # resampling twice; a one-pixel misplacement gives more than 8
+
+
+def test_reference_crop_is_the_frame_outside_the_head_quad():
+    frame = np.zeros((360, 480, 3), np.uint8)
+    frame[52:308, 112:368] = face_image()
+    track = track_faces([frame])
+    head = stages.head_box(track.landmarks[0], 480, 360)
+    box = stages.paste_box(track.boxes[0], 480, 360)
+    white = np.full((256, 256, 3), 255, np.uint8)
+    ref = stages.reference_crop(frame, track.landmarks[0], head, white, box)
+    assert ref.shape == (384, 384, 3)
+    np.testing.assert_array_equal(ref[192, 192], [255, 255, 255])  # the face centre is the pasted face
+    original = stages.crop_resized(frame, box, 384)
+    assert (ref == original).all(axis=2).mean() < 0.5  # most of the E-Net box lies inside the quad
+
+
+def test_upper_face_edit_keeps_the_synthesised_lower_half():
+    rng = np.random.default_rng(2)
+    faces = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
+    pred = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
+
+    def keep_input(source, aus):  # attention 1 everywhere: GANimation returns its input face
+        assert source.shape == (2, 3, 128, 128) and aus.shape == (2, 17)
+        return torch.zeros_like(source), torch.ones_like(source[:, :1]), None
+
+    out = stages.edit_upper_face(keep_input, faces, pred, torch.zeros(1, 17), CPU)
+    np.testing.assert_array_equal(out[:, 192:], pred[:, 192:])
+    down_up = [cv2.resize(cv2.resize(f, (128, 128)), (384, 384)) for f in faces]  # bilinear 384 -> 128 -> 384
+    error = np.abs(out[:, :192].astype(int) - np.stack(down_up)[:, :192].astype(int))
+    assert error.mean() < 20  # the input face, resampled, not the synthesised one
+    assert np.abs(out[:, :192].astype(int) - pred[:, :192].astype(int)).mean() > 60
+
+
+def test_faceless_frames_borrow_the_nearest_face_row():
+    found = np.array([False, True, False, False, False, True, False])
+    np.testing.assert_array_equal(_nearest_found(found), [1, 1, 1, 1, 5, 5, 5])
+    np.testing.assert_array_equal(_nearest_found(np.array([False, True])), [1, 1])
+
+
+# --- the whole engine with synthetic checkpoints ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    synth(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """Two lossless frames: a face, then a blank frame (the renders are slow on a CPU: one face is enough)."""
+    folder = tmp_path_factory.mktemp("neural")
+    path = write_face_clip(folder / "clip.mkv", n_frames=2, rate=RATE, codec="lossless", blank_frames=(1,))
+    return path, folder
+
+
+def _request(clip, checkpoints, audio, name, **kwargs) -> RedubRequest:
+    path, folder = clip
+    return RedubRequest(
+        video=path,
+        audio=audio,
+        output=folder / name,
+        engine="neural",
+        codec="lossless",
+        checkpoints=checkpoints,
+        cache_dir=folder / "cache",
+        **kwargs,
+    )
+
+
+def _frames(path) -> np.ndarray:
+    return np.concatenate([c.frames for c in media.iter_frames(path)])
+
+
+def _noise_wav(path, seconds: float) -> str:
+    samples = np.random.default_rng(1).normal(0, 0.2, round(seconds * 16000)).astype(np.float32)
+    soundfile.write(path, samples, 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_take(clip, checkpoints):
+    audio = write_tone(clip[1] / "line1.wav", 0.08)
+    return redub(_request(clip, checkpoints, audio, "take1.mkv", seed=3)), audio
+
+
+def test_first_take_is_exact_and_touches_only_the_face(clip, first_take):
+    result, _ = first_take
+    assert result.engine == "neural"
+    assert result.faceless_ranges == [(1, 2)]
+    assert not {"coefficients", "references"} & set(result.cache_hits)
+    info = media.probe(result.output)
+    assert (info.frame_count, info.rate, result.duration) == (2, RATE, Fraction(2, 25))
+    assert len(media.read_audio(result.output, sample_rate=OUT_SR)) == 2 * OUT_SR // 25
+    source, out = _frames(clip[0]), _frames(result.output)
+    np.testing.assert_array_equal(out[1], source[1])  # the faceless frame passes through
+    lm = track_faces([source[0]]).landmarks[0]
+    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+    w, h = x1 - x0, y1 - y0
+    changed = np.any(out[0] != source[0], axis=2)
+    face_region = np.zeros_like(changed)
+    face_region[int(y0 - h) : int(y1 + h), int(x0 - w) : int(x1 + w)] = True
+    assert changed.any()  # the engine rendered the face
+    assert not (changed & ~face_region).any()  # and nothing outside it
+
+
+def test_second_take_with_new_audio_skips_the_video_stages(clip, checkpoints, first_take, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a video-only stage ran although its output was cached")
+
+    for stage in ("face3d_rows", "stabilize", "enhance_references"):
+        monkeypatch.setattr(stages, stage, refuse)
+    audio = _noise_wav(clip[1] / "line2.wav", 0.08)
+    result = redub(_request(clip, checkpoints, audio, "take2.mkv", seed=3))
+    assert {"track", "coefficients", "references"} <= set(result.cache_hits)
+    assert media.probe(result.output).frame_count == 2
+
+
+def test_same_seed_renders_identical_frames(clip, checkpoints, first_take):
+    """A re-render (prepare from the cache, models already loaded) equals the first take exactly."""
+    first, audio = first_take
+    again = redub(_request(clip, checkpoints, audio, "take3.mkv", seed=3))
+    np.testing.assert_array_equal(_frames(again.output), _frames(first.output))
