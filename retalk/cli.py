@@ -16,7 +16,9 @@ from retalk.errors import RetalkError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retalk", description="Audio-driven lip-sync editing of talking-head video.")
+    parser = argparse.ArgumentParser(
+        prog="retalk", description="Audio-driven lip-sync editing of talking-head video."
+    )
     parser.add_argument("--version", action="version", version=f"retalk {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(retalk.commands.__path__), key=lambda m: m.name):

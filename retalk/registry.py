@@ -178,7 +178,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "RetinaFace-R50.pth",
             RELEASE + "RetinaFace-R50.pth",
             "retalk.models.retinaface:load_retinaface",
-            True,
+            False,  # the neural engine reuses the track instead of detecting again
             "torch",
             "109 MB",
             "GPEN's face detector",
@@ -187,7 +187,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "s3fd-619a316812.pth",
             FACE_ALIGNMENT + "s3fd-619a316812.pth",
             "retalk.models.s3fd:load_s3fd",
-            True,
+            False,  # as RetinaFace: an alternative detector, not needed by the neural engine
             "torch",
             "90 MB",
             "S3FD face detector (face-alignment)",
@@ -196,7 +196,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "2DFAN4-cd938726ad.zip",
             FACE_ALIGNMENT + "2DFAN4-cd938726ad.zip",
             "retalk.models.fan:load_fan",
-            True,
+            False,  # the track's dlib landmarks serve every stage
             "torchscript",
             "96 MB",
             "FAN 68-point landmarks (face-alignment, TorchScript)",
@@ -214,7 +214,7 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "BFM/similarity_Lm3D_all.mat",
             RELEASE + "BFM.zip",
             "retalk.align:load_lm3d",
-            True,
+            False,  # its 5-point reduction is retalk.align.LM3D_STD (checked against the golden data)
             "mat",
             "1 KB (in BFM.zip)",
             "BFM 68-point 3D landmark template",

@@ -195,6 +195,22 @@ def test_search_order_find_and_missing(tmp_path, monkeypatch):
     assert "30_net_gen.pth" in registry.missing_checkpoints(explicit, upper_face=True)
 
 
+def test_auto_engine_needs_exactly_the_neural_engines_files(tmp_path, monkeypatch):
+    """The neural engine reuses the face track, so the detectors, FAN and BFM are optional downloads."""
+    monkeypatch.delenv("RETALK_CHECKPOINTS", raising=False)
+    monkeypatch.setattr(registry, "default_checkpoints_dir", lambda: tmp_path / "cache")
+    assert set(registry.missing_checkpoints(tmp_path)) == {
+        "LNet.pth",
+        "ENet.pth",
+        "DNet.pt",
+        "face3d_pretrain_epoch_20.pth",
+        "GFPGANv1.3.pth",
+        "GPEN-BFR-512.pth",
+        "ParseNet-latest.pth",
+        "expression.mat",
+    }
+
+
 def test_loaders_named_in_the_registry_exist():
     for spec in registry.CHECKPOINTS.values():
         module = spec.loader.partition(":")[0]
