@@ -132,7 +132,7 @@ class NeuralEngine:
 
     # --- Engine protocol ----------------------------------------------------------------------------------------
 
-    def prepare(self, clip: SourceClip) -> list[str]:
+    def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]:
         """Coefficients and reference faces of the clip (from the cache when these frames were prepared
         before with the same track, expression and checkpoints); returns the names of the cache hits."""
         self._clip = clip
@@ -147,7 +147,7 @@ class NeuralEngine:
         if self._semantic is not None:
             hits.append("coefficients")
         else:
-            self._semantic = self._coefficients(clip)
+            self._semantic = self._coefficients(clip, report)
             self._cache.put(
                 CACHE_KIND,
                 cache_key(self._key, "coefficients"),
@@ -157,8 +157,10 @@ class NeuralEngine:
         # 2. reference faces, one cache entry per chunk
         chunks = range(0, clip.end - clip.start, PREP_CHUNK)
         missing = [a for a in chunks if self._cache.get(CACHE_KIND, self._chunk_key(a)) is None]
-        for a in missing:
+        for done, a in enumerate(missing):
+            report("references", done, len(missing))
             self._store_references(a)
+        report("references", len(missing), len(missing))
         if not missing:
             hits.append("references")
         return hits
@@ -281,7 +283,7 @@ class NeuralEngine:
         )
         return heads, crops, lm256
 
-    def _coefficients(self, clip: SourceClip) -> np.ndarray:
+    def _coefficients(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> np.ndarray:
         face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
         found = clip.track.found
         semantic = np.zeros((len(found), 262), np.float32)
@@ -292,6 +294,7 @@ class NeuralEngine:
                 if keep.any():
                     _, crops, lm256 = self._crops(chunk.frames[keep], local[keep])
                     semantic[local[keep]] = stages.face3d_rows(face3d, crops, lm256, self.device)
+                report("coefficients", int(local[-1]) + 1, len(found))
         return semantic[_nearest_found(found)]  # faceless frames borrow a neighbour's row for D-Net's window
 
     def _template(self) -> np.ndarray:

@@ -19,6 +19,8 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 if TYPE_CHECKING:  # redub imports this module
+    from collections.abc import Callable
+
     from retalk.pipeline.redub import SourceClip
 
 # dlib 68-point (iBUG) indices
@@ -303,7 +305,7 @@ class PreviewEngine:
         self._drive: MouthDrive | None = None
         self._clip: SourceClip | None = None
 
-    def prepare(self, clip: SourceClip) -> list[str]:
+    def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]:
         """No video-only work beyond the tracking: the preview warps the tracked landmarks as they are."""
         self._clip = clip
         return []
