@@ -15,6 +15,7 @@ from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
 from retalk.align import FACE_TEMPLATE_FFHQ_512, five_points
+from retalk.errors import CancelledError
 from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline import neural_stages as stages
 from retalk.pipeline.neural import _nearest_found
@@ -215,3 +216,14 @@ def test_same_seed_renders_identical_frames(clip, checkpoints, first_take):
     first, audio = first_take
     again = redub(_request(clip, checkpoints, audio, "take3.mkv", seed=3))
     np.testing.assert_array_equal(_frames(again.output), _frames(first.output))
+
+
+def test_prepare_reports_progress_and_can_be_cancelled(clip, checkpoints):
+    """The video-only stages report through the pipeline, so a cancel lands before the slow references."""
+    seen: list[str] = []
+    request = _request(clip, checkpoints, write_tone(clip[1] / "line4.wav", 0.08), "cancelled.mkv")
+    request.cache_dir = clip[1] / "fresh-cache"  # nothing prepared yet
+    with pytest.raises(CancelledError):
+        redub(request, progress=lambda e: seen.append(e.stage), should_cancel=lambda: "coefficients" in seen)
+    assert "coefficients" in seen and "references" not in seen
+    assert not request.output.exists()
