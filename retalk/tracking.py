@@ -6,7 +6,8 @@ without that face are flagged instead of aborting the run (D8), and boxes and la
 time with a Savitzky-Golay filter (the paper smooths; the reference only runs a forward 5-frame box mean, D22).
 
 Detectors and landmark models are pluggable (``FaceDetector``, ``LandmarkModel``); dlib's HOG detector and
-68-point shape predictor are the defaults.
+68-point shape predictor are the defaults (they need no download); the official networks slot in where their
+files exist: ``RetinaFaceDetector``, ``S3FDDetector``, ``FANLandmarks``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -24,6 +25,9 @@ from scipy.signal import savgol_filter
 
 from retalk.errors import CheckpointError, InputError
 from retalk.registry import search_dirs
+
+if TYPE_CHECKING:  # the adapters take models built elsewhere; torch is never imported for the dlib path
+    import torch
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 TRACK_FORMAT = 1
@@ -93,6 +97,57 @@ class DlibDetector:
             # dlib's right/bottom are inclusive pixel indices; box edges are continuous coordinates.
             out[i] = rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1, score
         return out
+
+
+class RetinaFaceDetector:
+    """GPEN's RetinaFace-R50 (``retalk.models.retinaface``, file RetinaFace-R50.pth) as a ``FaceDetector``:
+    fed BGR pixels as the reference does, faces above ``confidence_threshold`` (the reference's 0.9)."""
+
+    def __init__(self, model: torch.nn.Module, confidence_threshold: float | None = None) -> None:
+        from retalk.models import retinaface
+
+        self.model = model
+        self.confidence_threshold = (
+            retinaface.CONFIDENCE_THRESHOLD if confidence_threshold is None else confidence_threshold
+        )
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
+        from retalk.models.retinaface import detect_faces
+
+        bgr = np.ascontiguousarray(_check_frame(frame_rgb)[..., ::-1])
+        faces = detect_faces(self.model, bgr, confidence_threshold=self.confidence_threshold)
+        return np.concatenate([faces.boxes, faces.scores[:, None]], axis=1).astype(np.float64)
+
+
+class S3FDDetector:
+    """S3FD (``retalk.models.s3fd``, file s3fd-619a316812.pth) as a ``FaceDetector``, fed as face_alignment
+    feeds it (BGR order minus the Caffe means)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
+        import torch
+
+        from retalk.models.s3fd import decode_detections, prepare_batch
+
+        x = prepare_batch(_check_frame(frame_rgb)[None], feed="bgr")
+        with torch.inference_mode():
+            outputs = self.model(x.to(next(self.model.parameters()).device))
+        return decode_detections(outputs)[0].astype(np.float64)
+
+
+class FANLandmarks:
+    """The 2DFAN4 landmark network (``retalk.models.fan``, file 2DFAN4-cd938726ad.zip) as a ``LandmarkModel``:
+    one batched forward for all boxes of a frame, sub-pixel points (not truncated to integers)."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.model = model
+
+    def landmarks(self, frame_rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        from retalk.models.fan import landmarks_from_boxes
+
+        return landmarks_from_boxes(self.model, _check_frame(frame_rgb), boxes, truncate=False)
 
 
 def _detect_scaled(detect: Callable[[np.ndarray], np.ndarray], frame: np.ndarray, scale: float) -> np.ndarray:

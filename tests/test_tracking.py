@@ -291,3 +291,36 @@ def test_two_real_faces_the_selected_one_is_kept(landmarker, select, side):
         assert track.found.tolist() == [True, True, True, False, True]
         assert (centre_x[track.found] > 310).all()
     _check_plausible_faces(track)
+
+
+def test_official_networks_slot_in_behind_the_tracker_protocols():
+    """RetinaFace, S3FD and FAN adapters (random weights: plumbing and coordinates, not accuracy)."""
+    import torch
+
+    from retalk.models.fan import FAN
+    from retalk.models.retinaface import RetinaFace
+    from retalk.models.s3fd import S3FD
+    from retalk.tracking import FANLandmarks, RetinaFaceDetector, S3FDDetector
+
+    torch.manual_seed(0)
+    frame = np.ascontiguousarray(face_image()[:128, :160])
+    for detector in (
+        RetinaFaceDetector(RetinaFace().eval(), confidence_threshold=0.0),
+        S3FDDetector(S3FD().eval()),
+    ):
+        boxes = detector.detect(frame)
+        assert boxes.ndim == 2 and boxes.shape[1] == 5
+        if len(boxes):  # best first, scores are probabilities
+            assert np.all(np.diff(boxes[:, 4]) <= 0) and np.all((boxes[:, 4] >= 0) & (boxes[:, 4] <= 1))
+    assert len(RetinaFaceDetector(RetinaFace().eval(), confidence_threshold=0.0).detect(frame)) > 0
+
+    box = np.array([[40.0, 30.0, 120.0, 110.0]])
+    points = FANLandmarks(FAN().eval()).landmarks(frame, box)
+    assert points.shape == (1, 68, 2)
+    # every point lies in FAN's crop around the box (centre moved up 0.12 h, side 200 * (w + h) / 195)
+    side = 200 * (80 + 80) / 195
+    centre = np.array([80.0, 70.0 - 0.12 * 80])
+    assert np.all(np.abs(points[0] - centre) <= side / 2 + 1)
+    detector = ScriptedDetector([[tuple(box[0])]])
+    track = track_faces([frame], detector=detector, landmarker=FANLandmarks(FAN().eval()), smooth=False)
+    assert track.found[0] and np.all(np.abs(track.landmarks[0] - centre) <= side / 2 + 1)
