@@ -1,4 +1,7 @@
-"""ParseNet: golden logits/labels under the deterministic weights, the face/mouth masks, checkpoint errors."""
+"""ParseNet: golden logits/labels under the deterministic weights and the face/mouth masks.
+
+Loading and checkpoint errors: test_checkpoint_errors.py.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from retalk.errors import CheckpointError
 from retalk.models.parsing import (
     CHECKPOINT_NAME,
     FACE_LABELS,
     LABELS,
     MOUTH_LABELS,
     face_region_mask,
-    load_parsenet,
 )
 from retalk.selftest import parsenet as case
 
@@ -49,26 +50,3 @@ def test_face_region_mask_maps_argmax_labels() -> None:
         logits[0, label, 0, x] = 1.0
     assert face_region_mask(logits).tolist() == [[[0, 255, 255, 0]]]
     assert face_region_mask(logits, MOUTH_LABELS).tolist() == [[[0, 0, 255, 0]]]
-
-
-def test_checkpoint_errors_name_the_file(
-    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
-) -> None:
-    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
-    path = tmp_path / CHECKPOINT_NAME
-    assert load_parsenet(_save(shaped, path)) is not None
-    missing = "encoder.1.shortcut_func.conv2d.weight"
-    _save({k: v for k, v in shaped.items() if k != missing}, path)
-    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*encoder\.1\.shortcut\.conv2d\.weight"):
-        load_parsenet(path)
-    path.write_bytes(_save(shaped, path).read_bytes()[:4000])
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_NAME}.*truncated"):
-        load_parsenet(path)
-    _save({"conv1_1.weight": torch.zeros(64, 3, 3, 3)}, path)  # an S3FD-like file
-    with pytest.raises(CheckpointError, match=CHECKPOINT_NAME):
-        load_parsenet(path)
-
-
-def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    torch.save(state_dict, path)
-    return path

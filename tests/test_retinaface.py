@@ -1,4 +1,7 @@
-"""RetinaFace-R50: golden outputs under the deterministic weights, anchors, decoding, detection, checkpoint errors."""
+"""RetinaFace-R50: golden outputs under the deterministic weights, anchors, decoding and detection.
+
+Loading and checkpoint errors: test_checkpoint_errors.py.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from retalk.errors import CheckpointError
 from retalk.models.retinaface import (
     CHECKPOINT_NAME,
     decode_boxes,
     decode_landmarks,
     detect_faces,
-    load_retinaface,
     prior_boxes,
 )
 from retalk.selftest import retinaface_r50 as case
@@ -100,20 +101,3 @@ def test_detect_faces_feeds_bgr_minus_means() -> None:
     image[..., 0] = 200  # blue, in BGR
     detect_faces(model, image)
     assert model.pixel == [200 - 104, -117, -123]
-
-
-def test_checkpoint_errors_name_the_file(
-    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
-) -> None:
-    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
-    path = tmp_path / CHECKPOINT_NAME
-    torch.save({k: v for k, v in shaped.items() if k != "ssh2.conv7x7_3.0.weight"}, path)
-    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*ssh2\.conv7x7_3\.0\.weight"):
-        load_retinaface(path)
-    torch.save(shaped, path)
-    path.write_bytes(path.read_bytes()[:3000])
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_NAME}.*truncated"):
-        load_retinaface(path)
-    torch.save({"net_recon": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)  # a face3d file
-    with pytest.raises(CheckpointError, match=CHECKPOINT_NAME):
-        load_retinaface(path)

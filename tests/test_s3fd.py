@@ -1,4 +1,7 @@
-"""S3FD: golden head outputs under the deterministic weights, input construction, box decoding, checkpoint errors."""
+"""S3FD: golden head outputs under the deterministic weights, input construction and box decoding.
+
+Loading and checkpoint errors: test_checkpoint_errors.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from retalk.errors import CheckpointError
-from retalk.models.s3fd import CHECKPOINT_NAME, decode_detections, load_s3fd, nms, prepare_batch
+from retalk.models.s3fd import CHECKPOINT_NAME, decode_detections, nms, prepare_batch
 from retalk.selftest import s3fd as case
 
 
@@ -83,20 +85,3 @@ def test_nms_uses_inclusive_pixel_areas() -> None:
     boxes = np.array([[0, 0, 9, 9], [5, 0, 14, 9]], np.float32)  # 10x10 each, overlap 5x10: IoU 50/150
     assert nms(boxes, np.array([0.9, 0.8]), 0.3).tolist() == [0]
     assert nms(boxes, np.array([0.9, 0.8]), 0.34).tolist() == [0, 1]
-
-
-def test_checkpoint_errors_name_the_file(
-    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
-) -> None:
-    shaped = reference_shaped_state_dict(CHECKPOINT_NAME)
-    path = tmp_path / CHECKPOINT_NAME
-    torch.save({k: v for k, v in shaped.items() if k != "conv4_3_norm.weight"}, path)
-    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_NAME}.*conv4_3_norm\.weight"):
-        load_s3fd(path)
-    torch.save(shaped, path)
-    path.write_bytes(path.read_bytes()[:3000])
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_NAME}.*truncated"):
-        load_s3fd(path)
-    torch.save({"params_ema": {"conv_body_first.weight": torch.zeros(32, 3, 1, 1)}}, path)  # a GFPGAN file
-    with pytest.raises(CheckpointError, match=CHECKPOINT_NAME):
-        load_s3fd(path)
