@@ -1,41 +1,23 @@
-"""D-Net: golden outputs under the deterministic weights, the warp and the dead branch.
+"""D-Net: the warp and the dead branch.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from retalk.models.dnet import DNet, checkpoint_filter_fn, identity_grid, warp_with_flow
-from retalk.selftest import dnet as dnet_case
 
 
 @pytest.fixture(scope="module")
 def official_sd(reference_state_dict: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return reference_state_dict("DNet.pt")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(official_sd: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding a synthetic DNet.pt in the official container layout."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    torch.save({"net_G_ema": official_sd}, folder / "DNet.pt")
-    return folder
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    checkpoints: Path, golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]]
-) -> None:
-    golden_case(dnet_case, checkpoints)
 
 
 def test_warp_only_skips_editing_and_batch_items_are_independent() -> None:

@@ -1,21 +1,19 @@
-"""E-Net: golden outputs under the deterministic weights, its noise, and loading (L-Net only from LNet.pth).
+"""E-Net: its noise, and loading (L-Net only from LNet.pth).
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from retalk.models.enet import ENet, load_enet
-from retalk.selftest import enet as enet_case
 
 NAME = "ENet.pth"
 
@@ -35,18 +33,6 @@ def shaped_lnet(
     path = tmp_path_factory.mktemp("lnet") / "LNet.pth"
     torch.save({"state_dict": reference_shaped_state_dict("LNet.pth")}, path)
     return path
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    # ENet.pth holds E-Net's own keys; the embedded L-Net comes from LNet.pth (README "ENet is special")
-    torch.save({"state_dict": reference_state_dict(NAME)}, tmp_path / NAME)
-    torch.save({"state_dict": reference_state_dict("LNet.pth")}, tmp_path / "LNet.pth")
-    golden_case(enet_case, tmp_path)
 
 
 def test_default_noise_is_fixed_and_the_same_for_every_frame(

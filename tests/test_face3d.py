@@ -1,21 +1,19 @@
-"""face3d ResNet-50 regressor: golden coefficients under the deterministic weights, the heads, strict loading.
+"""face3d ResNet-50 regressor: the heads, strict loading.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
 from retalk.errors import CheckpointError
 from retalk.models.face3d import CHECKPOINT_NAME, COEFF_LAYOUT, ReconNet, load_face3d
-from retalk.selftest import face3d_recon as case
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +21,6 @@ def shaped_sd(
     reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     return reference_shaped_state_dict(CHECKPOINT_NAME)
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save({"net_recon": reference_state_dict(CHECKPOINT_NAME)}, tmp_path / CHECKPOINT_NAME)
-    golden_case(case, tmp_path)
 
 
 def test_official_keys_load_as_is(shaped_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:

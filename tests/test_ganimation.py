@@ -1,13 +1,13 @@
-"""GANimation generator: golden outputs under the deterministic weights, AU presets, composition, extra entries.
+"""GANimation generator: AU presets, composition, extra entries.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -22,16 +22,6 @@ from retalk.models.ganimation import (
     load_ganimation,
 )
 from retalk.selftest import ganimation_gen as case
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden_case(case, tmp_path)
 
 
 def test_expression_presets_match_the_golden_inputs(golden_dir: Path) -> None:

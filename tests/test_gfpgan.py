@@ -1,20 +1,18 @@
-"""GFPGAN v1.3 (clean): golden output under the deterministic weights, noise modes, batching, its containers.
+"""GFPGAN v1.3 (clean): noise modes, batching, its containers.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
 from retalk.models.gfpgan import GFPGANv1Clean, load_gfpgan
-from retalk.selftest import gfpganv1_3 as gfpgan_case
 
 NAME = "GFPGANv1.3.pth"
 
@@ -27,16 +25,6 @@ def small_model(randomize_weights: Callable[[torch.nn.Module, int], torch.nn.Mod
         for i, buffer in enumerate(model.noises.buffers()):
             buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(100 + i)))
     return model
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save({"params_ema": reference_state_dict(NAME)}, tmp_path / NAME)
-    golden_case(gfpgan_case, tmp_path)
 
 
 def test_stored_noise_is_the_default_and_a_generator_replaces_it(small_model: GFPGANv1Clean) -> None:

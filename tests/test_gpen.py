@@ -1,32 +1,16 @@
-"""GPEN-BFR-512: golden output under the deterministic weights and batching.
+"""GPEN-BFR-512: batching.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Loading and checkpoint errors: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable
 
-import numpy as np
-import pytest
 import torch
 
 from retalk.models.gpen import GPEN
-from retalk.selftest import gpen_bfr_512 as gpen_case
-
-NAME = "GPEN-BFR-512.pth"
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save(reference_state_dict(NAME), tmp_path / NAME)
-    golden_case(gpen_case, tmp_path)
 
 
 def test_batch_items_are_independent_and_repeatable(

@@ -1,22 +1,20 @@
-"""L-Net: golden outputs under the deterministic weights, the spectral-norm fold, its vectors and extra keys.
+"""L-Net: the spectral-norm fold, its vectors and extra keys.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
 from retalk.errors import CheckpointError
 from retalk.models.lnet import LNet, fold_spectral_norm, lnet_state_dict_from_official, load_lnet
-from retalk.selftest import lnet as lnet_case
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +22,6 @@ def shaped_sd(
     reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     return reference_shaped_state_dict("LNet.pth")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A folder holding a synthetic LNet.pth in the official container layout."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    torch.save({"state_dict": reference_state_dict("LNet.pth")}, folder / "LNet.pth")
-    return folder
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    checkpoints: Path, golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]]
-) -> None:
-    golden_case(lnet_case, checkpoints)
 
 
 def test_batch_items_are_independent() -> None:

@@ -1,40 +1,24 @@
-"""ParseNet: golden logits/labels under the deterministic weights and the face/mouth masks.
+"""ParseNet: the face/mouth masks, also of the golden labels.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Loading and checkpoint errors: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
 from retalk.models.parsing import (
-    CHECKPOINT_NAME,
     FACE_LABELS,
     LABELS,
     MOUTH_LABELS,
     face_region_mask,
 )
-from retalk.selftest import parsenet as case
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden = golden_case(case, tmp_path)
-    # the pipeline's use: the face-region mask of the arg-max labels
-    mask = face_region_mask(torch.from_numpy(golden["out.out_mask_sub4"]))
-    expected = np.isin(golden["out.out_mask_argmax"][:, ::4, ::4], FACE_LABELS)
-    assert (mask.numpy() == expected * 255).mean() >= 0.999
+from retalk.selftest import parsenet
 
 
 def test_label_sets_name_the_face_and_mouth_classes() -> None:
@@ -50,3 +34,12 @@ def test_face_region_mask_maps_argmax_labels() -> None:
         logits[0, label, 0, x] = 1.0
     assert face_region_mask(logits).tolist() == [[[0, 255, 255, 0]]]
     assert face_region_mask(logits, MOUTH_LABELS).tolist() == [[[0, 0, 255, 0]]]
+
+
+@pytest.mark.golden
+def test_face_region_mask_of_the_golden_labels(golden_dir: Path) -> None:
+    # the pipeline's use: the face-region mask of the reference's arg-max labels
+    golden = np.load(golden_dir / parsenet.GOLDEN)
+    mask = face_region_mask(torch.from_numpy(golden["out.out_mask_sub4"]))
+    expected = np.isin(golden["out.out_mask_argmax"][:, ::4, ::4], FACE_LABELS)
+    assert (mask.numpy() == expected * 255).mean() >= 0.999

@@ -1,39 +1,21 @@
-"""RetinaFace-R50: golden outputs under the deterministic weights, anchors, decoding and detection.
+"""RetinaFace-R50: anchors, decoding and detection.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Loading and checkpoint errors: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
 from retalk.models.retinaface import (
-    CHECKPOINT_NAME,
     decode_boxes,
     decode_landmarks,
     detect_faces,
     prior_boxes,
 )
-from retalk.selftest import retinaface_r50 as case
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    # the reference's container: 'state_dict' with DataParallel's 'module.' prefix, both optional
-    state_dict = {f"module.{k}": v for k, v in reference_state_dict(CHECKPOINT_NAME).items()}
-    torch.save({"state_dict": state_dict}, tmp_path / CHECKPOINT_NAME)
-    golden_case(case, tmp_path)
 
 
 def test_priors_follow_cfg_re50() -> None:

@@ -1,30 +1,15 @@
-"""S3FD: golden head outputs under the deterministic weights, input construction and box decoding.
+"""S3FD: input construction and box decoding.
 
+Golden outputs under the deterministic weights: test_golden.py.
 Loading and checkpoint errors: test_checkpoint_errors.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
-import pytest
 import torch
 
-from retalk.models.s3fd import CHECKPOINT_NAME, decode_detections, nms, prepare_batch
-from retalk.selftest import s3fd as case
-
-
-@pytest.mark.golden
-def test_golden_through_selftest_case(
-    reference_state_dict: Callable[[str], dict[str, torch.Tensor]],
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
-    tmp_path: Path,
-) -> None:
-    torch.save(reference_state_dict(CHECKPOINT_NAME), tmp_path / CHECKPOINT_NAME)
-    golden_case(case, tmp_path)
+from retalk.models.s3fd import decode_detections, nms, prepare_batch
 
 
 def test_prepare_batch_subtracts_bgr_means_from_either_order() -> None:
