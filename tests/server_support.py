@@ -11,11 +11,15 @@ import selectors
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 from mediagen import write_face_clip, write_tone
+from retalk_server import Server, ServerConfig
 from retalk_server.runner import file_sha256, run_redub
 from retalk_server.workers import WorkerEvent
 
@@ -121,6 +125,21 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def server_in_thread(config: ServerConfig, pool) -> Iterator[Server]:
+    """An in-process server with the given worker pool, serving on a thread until the block ends."""
+    server = Server(config, pool=pool)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
 
 
 class IdlePool:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
-from retalk_server import Server, ServerConfig
+from retalk_server import ServerConfig
 from retalk_server.journal import Journal
-from server_support import InstantPool, make_media, wait_for
+from server_support import InstantPool, make_media, server_in_thread, wait_for
 
 
 def test_s8_1_unfinished_jobs_survive_a_reopen_and_a_cut_run_is_not_counted(tmp_path):
@@ -50,14 +48,8 @@ def quick_server(tmp_path):
     config = ServerConfig(
         endpoint="tcp://127.0.0.1:0", media_roots=[root], state_dir=tmp_path / "state", retention=1.0
     )
-    server = Server(config, pool=InstantPool())
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
-    thread.start()
-    yield server
-    stop.set()
-    thread.join()
-    server.close()
+    with server_in_thread(config, InstantPool()) as server:
+        yield server
 
 
 def test_s8_4_results_are_kept_for_the_retention_period_then_expire(quick_server, tmp_path):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import threading
 
 import pytest
 import zmq.auth
 from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
-from retalk_server import Server, ServerConfig
-from server_support import IdlePool
+from retalk_server import ServerConfig
+from server_support import IdlePool, server_in_thread
 
 from retalk.cli import main as retalk_main
 from retalk.errors import InputError
@@ -49,14 +48,8 @@ def curve_server(tmp_path, keys):
         allowed_keys=allowed,
         heartbeat=0.2,
     )
-    server = Server(config, pool=IdlePool())
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
-    thread.start()
-    yield server
-    stop.set()
-    thread.join()
-    server.close()
+    with server_in_thread(config, IdlePool()) as server:
+        yield server
 
 
 def _client(server, made, name, **kwargs) -> Client:
