@@ -28,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--video", type=Path, help="default: a 5 s sample shot made on the spot")
     parser.add_argument("--audio", type=Path, help="default: a sample line of speech")
+    parser.add_argument("--start", type=int, default=0, help="first frame of the video range")
+    parser.add_argument(
+        "--end", type=int, help="end frame (exclusive) of the video range; default: the clip's end"
+    )
     parser.add_argument("--engine", choices=ENGINES, default="auto")
+    parser.add_argument("--checkpoints", type=Path, help="folder of the official (or synthetic) checkpoints")
     parser.add_argument("--codec", choices=CODECS, default="h264")
     parser.add_argument("--long", type=float, default=60.0, help="seconds of the long take (the clip loops)")
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
@@ -54,7 +59,16 @@ def _in_fresh_process(request: RedubRequest) -> dict:
 
 
 def run_bench(
-    video: Path, audio: Path, folder: Path, *, engine: str, codec: str, long_seconds: float
+    video: Path,
+    audio: Path,
+    folder: Path,
+    *,
+    engine: str,
+    codec: str,
+    long_seconds: float,
+    start: int = 0,
+    end: int | None = None,
+    checkpoints: Path | None = None,
 ) -> dict:
     """First and second take of ``video`` re-dubbed with ``audio``, then a take ``long_seconds`` long (the
     audio looped, the video looped to follow it with --fit audio), all with one cache folder."""
@@ -62,7 +76,10 @@ def run_bench(
         video=video,
         audio=audio,
         output=folder / f"bench{media.default_extension(codec)}",
+        start=start,
+        end=end,
         engine=engine,
+        checkpoints=checkpoints,
         codec=codec,
         cache_dir=folder / "cache",
     )
@@ -108,7 +125,15 @@ def run(args: argparse.Namespace) -> int:
             if note:
                 print(f"retalk: warning: {note}", file=sys.stderr)
         results = run_bench(
-            video, audio, folder, engine=args.engine, codec=args.codec, long_seconds=args.long
+            video,
+            audio,
+            folder,
+            engine=args.engine,
+            codec=args.codec,
+            long_seconds=args.long,
+            start=args.start,
+            end=args.end,
+            checkpoints=args.checkpoints,
         )
     print(json.dumps(results) if args.json else format_report(results))
     return 0
