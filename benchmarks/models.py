@@ -24,13 +24,10 @@ from retalk.selftest import default_checkpoints_dir
 TIMING = Path(__file__).resolve().parents[2] / "shared" / "reference" / "timing.json"
 
 
-def _load(name: str, checkpoints: Path) -> torch.nn.Module:
-    return registry.resolve_loader(registry.CHECKPOINTS[name])(checkpoints / name, device="cpu")
-
-
-def _enet(checkpoints: Path) -> torch.nn.Module:
-    return registry.resolve_loader(registry.CHECKPOINTS["ENet.pth"])(
-        checkpoints / "ENet.pth", checkpoints / "LNet.pth", device="cpu"
+def _build(files: tuple[str, ...], checkpoints: Path) -> torch.nn.Module:
+    """The network through the registry's loader for its first file (E-Net's also reads LNet.pth)."""
+    return registry.resolve_loader(registry.CHECKPOINTS[files[0]])(
+        *(checkpoints / f for f in files), device="cpu"
     )
 
 
@@ -38,70 +35,26 @@ def _images(batch: int, channels: int, size: int) -> torch.Tensor:
     return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-# golden/timing name -> (checkpoint files, model builder, inputs for a batch size, forward call)
-NETWORKS: dict[
-    str, tuple[tuple[str, ...], Callable[[Path], torch.nn.Module], Callable[[int], tuple], Callable]
-] = {
-    "LNet": (
-        ("LNet.pth",),
-        lambda c: _load("LNet.pth", c),
-        lambda b: (torch.randn(b, 1, 80, 16), _images(b, 6, 96)),
-        lambda m, x: m(*x),
-    ),
+def _forward(model: Callable, inputs: tuple) -> object:
+    return model(*inputs)
+
+
+# golden/timing name -> (checkpoint files, inputs for a batch size, forward call)
+NETWORKS: dict[str, tuple[tuple[str, ...], Callable[[int], tuple], Callable]] = {
+    "LNet": (("LNet.pth",), lambda b: (torch.randn(b, 1, 80, 16), _images(b, 6, 96)), _forward),
     "ENet": (
         ("ENet.pth", "LNet.pth"),
-        _enet,
         lambda b: (torch.randn(b, 1, 80, 16), _images(b, 6, 384)),
         lambda m, x: m(x[0], x[1], x[1][:, 3:], generator=torch.Generator().manual_seed(0)),
     ),
-    "DNet": (
-        ("DNet.pt",),
-        lambda c: _load("DNet.pt", c),
-        lambda b: (_images(b, 3, 256), torch.randn(b, 73, 26)),
-        lambda m, x: m(*x),
-    ),
-    "face3d_recon": (
-        ("face3d_pretrain_epoch_20.pth",),
-        lambda c: _load("face3d_pretrain_epoch_20.pth", c),
-        lambda b: (_images(b, 3, 224),),
-        lambda m, x: m(*x),
-    ),
-    "GFPGANv1.3": (
-        ("GFPGANv1.3.pth",),
-        lambda c: _load("GFPGANv1.3.pth", c),
-        lambda b: (_images(b, 3, 512),),
-        lambda m, x: m(*x),
-    ),
-    "GPEN-BFR-512": (
-        ("GPEN-BFR-512.pth",),
-        lambda c: _load("GPEN-BFR-512.pth", c),
-        lambda b: (_images(b, 3, 512),),
-        lambda m, x: m(*x),
-    ),
-    "ParseNet": (
-        ("ParseNet-latest.pth",),
-        lambda c: _load("ParseNet-latest.pth", c),
-        lambda b: (_images(b, 3, 512),),
-        lambda m, x: m(*x),
-    ),
-    "RetinaFace-R50": (
-        ("RetinaFace-R50.pth",),
-        lambda c: _load("RetinaFace-R50.pth", c),
-        lambda b: (_images(b, 3, 256) * 128,),
-        lambda m, x: m(*x),
-    ),
-    "S3FD": (
-        ("s3fd-619a316812.pth",),
-        lambda c: _load("s3fd-619a316812.pth", c),
-        lambda b: (_images(b, 3, 700) * 128,),
-        lambda m, x: m(*x),
-    ),
-    "GANimation_gen": (
-        ("30_net_gen.pth",),
-        lambda c: _load("30_net_gen.pth", c),
-        lambda b: (_images(b, 3, 128), torch.rand(b, 17)),
-        lambda m, x: m(*x),
-    ),
+    "DNet": (("DNet.pt",), lambda b: (_images(b, 3, 256), torch.randn(b, 73, 26)), _forward),
+    "face3d_recon": (("face3d_pretrain_epoch_20.pth",), lambda b: (_images(b, 3, 224),), _forward),
+    "GFPGANv1.3": (("GFPGANv1.3.pth",), lambda b: (_images(b, 3, 512),), _forward),
+    "GPEN-BFR-512": (("GPEN-BFR-512.pth",), lambda b: (_images(b, 3, 512),), _forward),
+    "ParseNet": (("ParseNet-latest.pth",), lambda b: (_images(b, 3, 512),), _forward),
+    "RetinaFace-R50": (("RetinaFace-R50.pth",), lambda b: (_images(b, 3, 256) * 128,), _forward),
+    "S3FD": (("s3fd-619a316812.pth",), lambda b: (_images(b, 3, 700) * 128,), _forward),
+    "GANimation_gen": (("30_net_gen.pth",), lambda b: (_images(b, 3, 128), torch.rand(b, 17)), _forward),
 }
 
 
@@ -137,15 +90,9 @@ def main() -> int:
         + f"{'reference b1 s':>16}"
     )
     for name in args.only:
-        files, build, make_inputs, call = NETWORKS[name]
-        try:
-            registry.synth(args.checkpoints, files)
-            model = build(args.checkpoints)
-        except Exception as err:  # a network not written yet: say so and go on
-            print(
-                f"{name:<16}unavailable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            )
-            continue
+        files, make_inputs, call = NETWORKS[name]
+        registry.synth(args.checkpoints, files)
+        model = _build(files, args.checkpoints)
         cells = []
         for batch in args.batch:
             seconds = time_forward(model, call, make_inputs(batch), args.repeat)
