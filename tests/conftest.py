@@ -45,6 +45,15 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_functions(golden_dir: Path) -> dict:
+    """Every array of golden/functions.npz (the reference's non-network functions), by key."""
+    import numpy as np
+
+    with np.load(golden_dir / "functions.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
 def media_dir() -> Path:
     """../shared/media: face1.mp4 (1350/61 fps), face2.mp4 (25 fps), speech1.wav."""
     return _shared_path("media")

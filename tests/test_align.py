@@ -26,42 +26,36 @@ from retalk.align import (
 from retalk.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def functions(golden_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(golden_dir / "functions.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
 @pytest.mark.golden
-def test_lm3d_template_matches_golden(functions, reference_dir: Path):
-    np.testing.assert_array_equal(LM3D_STD, functions["align.lm3d_std"])
+def test_lm3d_template_matches_golden(golden_functions, reference_dir: Path):
+    np.testing.assert_array_equal(LM3D_STD, golden_functions["align.lm3d_std"])
     np.testing.assert_array_equal(
-        load_lm3d(reference_dir / "data" / "similarity_Lm3D_all.mat"), functions["align.lm3d_std"]
+        load_lm3d(reference_dir / "data" / "similarity_Lm3D_all.mat"), golden_functions["align.lm3d_std"]
     )
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("face", ["a", "b"])
-def test_align_img_matches_golden(functions, face):
-    img, lm_fan = functions[f"align.img_{face}_rgb_u8"], functions[f"align.lm_fan_{face}"]
+def test_align_img_matches_golden(golden_functions, face):
+    img, lm_fan = golden_functions[f"align.img_{face}_rgb_u8"], golden_functions[f"align.lm_fan_{face}"]
     lm_yup = np.stack([lm_fan[:, 0], img.shape[0] - 1 - lm_fan[:, 1]], axis=1)
-    np.testing.assert_array_equal(lm_yup, functions[f"align.lm_{face}"])
-    trans_params, im_aligned, lm_aligned, lm5p = align_img(img, lm_yup, functions["align.lm3d_std"])
+    np.testing.assert_array_equal(lm_yup, golden_functions[f"align.lm_{face}"])
+    trans_params, im_aligned, lm_aligned, lm5p = align_img(img, lm_yup, golden_functions["align.lm3d_std"])
     assert trans_params.dtype == np.float32
-    np.testing.assert_allclose(trans_params, functions[f"align.trans_params_{face}"], rtol=1e-6)
+    np.testing.assert_allclose(trans_params, golden_functions[f"align.trans_params_{face}"], rtol=1e-6)
     assert im_aligned.shape == (224, 224, 3) and im_aligned.dtype == np.uint8
-    assert np.abs(im_aligned.astype(int) - functions[f"align.im_aligned_{face}"]).max() <= 1
-    np.testing.assert_allclose(lm_aligned, functions[f"align.lm_aligned_{face}"], rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose(lm5p, functions[f"align.lm5p_{face}"], rtol=1e-6)
+    assert np.abs(im_aligned.astype(int) - golden_functions[f"align.im_aligned_{face}"]).max() <= 1
+    np.testing.assert_allclose(lm_aligned, golden_functions[f"align.lm_aligned_{face}"], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(lm5p, golden_functions[f"align.lm5p_{face}"], rtol=1e-6)
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize(("quad", "out"), [("quad", "out"), ("quad2", "out2")])
-def test_calc_alignment_matches_golden(functions, quad, out):
+def test_calc_alignment_matches_golden(golden_functions, quad, out):
     coeffs = calc_alignment_coefficients(
-        functions[f"calc_alignment.{quad}"] + 0.5, functions["calc_alignment.target"]
+        golden_functions[f"calc_alignment.{quad}"] + 0.5, golden_functions["calc_alignment.target"]
     )
-    np.testing.assert_allclose(coeffs, functions[f"calc_alignment.{out}"], rtol=1e-9)
+    np.testing.assert_allclose(coeffs, golden_functions[f"calc_alignment.{out}"], rtol=1e-9)
 
 
 def test_calc_alignment_maps_the_quad_onto_the_crop_corners():
@@ -116,8 +110,8 @@ def test_crop_box_clamps_the_bottom_with_the_frame_height():
 
 @pytest.mark.golden
 @pytest.mark.parametrize("face", ["a", "b"])
-def test_head_box_of_real_landmarks_holds_the_whole_face(functions, face):
-    lm = functions[f"align.lm_fan_{face}"]  # FAN landmarks on a 256x256 Stage-0 crop
+def test_head_box_of_real_landmarks_holds_the_whole_face(golden_functions, face):
+    lm = golden_functions[f"align.lm_fan_{face}"]  # FAN landmarks on a 256x256 Stage-0 crop
     x1, y1, x2, y2 = crop_box(quad_from_landmarks(lm), 256, 256)
     inside = np.clip(lm, 0, 255)
     assert (inside[:, 0] >= x1).all() and (inside[:, 0] < x2).all()

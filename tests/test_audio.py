@@ -14,42 +14,36 @@ from retalk.errors import InputError
 GOLDEN_RATES = {"25": Fraction(25), "22.131147540983605": Fraction(1350, 61)}
 
 
-@pytest.fixture(scope="module")
-def functions(golden_dir):
-    with np.load(golden_dir / "functions.npz") as data:
-        return {key: data[key] for key in data.files if key.startswith("audio.")}
-
-
 @pytest.mark.golden
-def test_mel_matches_reference(functions):
-    mel = audio.melspectrogram(functions["audio.wav16k_first3s"])
-    reference = functions["audio.mel_first3s"]
+def test_mel_matches_reference(golden_functions):
+    mel = audio.melspectrogram(golden_functions["audio.wav16k_first3s"])
+    reference = golden_functions["audio.mel_first3s"]
     assert mel.shape == reference.shape == (80, 241) and mel.dtype == np.float64
     np.testing.assert_allclose(mel, reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.golden
-def test_mel_of_the_other_resampler_matches_its_reference_too(functions):
-    mel = audio.melspectrogram(functions["audio.wav16k_first3s_soxr_hq"])
-    np.testing.assert_allclose(mel, functions["audio.mel_first3s_from_soxr_hq"], rtol=0, atol=1e-6)
+def test_mel_of_the_other_resampler_matches_its_reference_too(golden_functions):
+    mel = audio.melspectrogram(golden_functions["audio.wav16k_first3s_soxr_hq"])
+    np.testing.assert_allclose(mel, golden_functions["audio.mel_first3s_from_soxr_hq"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("fps", list(GOLDEN_RATES))
-def test_chunks_match_reference_for_exact_rational_rate(functions, fps):
-    chunks, starts = audio.mel_chunks(functions["audio.mel_first3s"], GOLDEN_RATES[fps])
-    np.testing.assert_array_equal(starts, functions[f"audio.mel_chunk_starts_fps{fps}"])
-    np.testing.assert_array_equal(chunks, functions[f"audio.mel_chunks_fps{fps}"])
+def test_chunks_match_reference_for_exact_rational_rate(golden_functions, fps):
+    chunks, starts = audio.mel_chunks(golden_functions["audio.mel_first3s"], GOLDEN_RATES[fps])
+    np.testing.assert_array_equal(starts, golden_functions[f"audio.mel_chunk_starts_fps{fps}"])
+    np.testing.assert_array_equal(chunks, golden_functions[f"audio.mel_chunks_fps{fps}"])
 
 
 @pytest.mark.golden
-def test_read_audio_reproduces_reference_loader(functions, media_dir):
+def test_read_audio_reproduces_reference_loader(golden_functions, media_dir):
     """speech1.wav is the reference's examples/audio/1.wav: librosa 0.9.2 load = resampy kaiser_best."""
     wav = media.read_audio(media_dir / "speech1.wav", duration=Fraction(3))
-    reference = functions["audio.wav16k_first3s"]
+    reference = golden_functions["audio.wav16k_first3s"]
     assert wav.shape == reference.shape and wav.dtype == np.float32
     np.testing.assert_allclose(wav, reference, rtol=0, atol=1e-6)
-    assert len(media.read_audio(media_dir / "speech1.wav")) == int(functions["audio.wav16k_full_len"])
+    assert len(media.read_audio(media_dir / "speech1.wav")) == int(golden_functions["audio.wav16k_full_len"])
 
 
 @pytest.mark.parametrize("rate", [Fraction(25), Fraction(1350, 61), Fraction(30000, 1001), Fraction(24)])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,10 +11,10 @@ from retalk.errors import InputError
 
 @pytest.mark.golden
 @pytest.mark.parametrize(("name", "levels"), [("real", 10), ("real", 6), ("rand", 10)])
-def test_matches_golden(golden_dir: Path, name, levels):
-    with np.load(golden_dir / "functions.npz") as data:
-        a, b = data[f"laplacian.{name}_A_u8"], data[f"laplacian.{name}_B_u8"]
-        mask, ref = data[f"laplacian.{name}_mask_f32"], data[f"laplacian.{name}_out_levels{levels}"]
+def test_matches_golden(golden_functions, name, levels):
+    data = golden_functions
+    a, b = data[f"laplacian.{name}_A_u8"], data[f"laplacian.{name}_B_u8"]
+    mask, ref = data[f"laplacian.{name}_mask_f32"], data[f"laplacian.{name}_out_levels{levels}"]
     out = laplacian_pyramid_blend(a, b, mask, levels)
     assert out.dtype == np.float32 and out.shape == ref.shape
     assert np.abs(out.astype(np.float64) - ref).max() <= 1e-3

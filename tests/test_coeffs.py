@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,24 +15,18 @@ from retalk.coeffs import (
 from retalk.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def functions(golden_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(golden_dir / "functions.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
 @pytest.mark.golden
-def test_split_coeff_matches_golden(functions):
-    groups = split_coeff(functions["split_coeff.in"])
+def test_split_coeff_matches_golden(golden_functions):
+    groups = split_coeff(golden_functions["split_coeff.in"])
     assert sorted(groups) == ["angle", "exp", "gamma", "id", "tex", "trans"]
     for name, value in groups.items():
-        np.testing.assert_array_equal(value, functions[f"split_coeff.out_{name}"])
+        np.testing.assert_array_equal(value, golden_functions[f"split_coeff.out_{name}"])
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("idx", [0, 29])
-def test_window_indices_match_golden(functions, idx):
-    np.testing.assert_array_equal(window_indices(idx, 30), functions[f"obtain_seq_index.idx{idx}_n30"])
+def test_window_indices_match_golden(golden_functions, idx):
+    np.testing.assert_array_equal(window_indices(idx, 30), golden_functions[f"obtain_seq_index.idx{idx}_n30"])
 
 
 def test_window_is_26_frames_13_before_12_after():
@@ -45,25 +37,25 @@ def test_window_is_26_frames_13_before_12_after():
 
 @pytest.mark.golden
 @pytest.mark.parametrize("idx", [0, 1, 14, 29])
-def test_crop_ratio_and_window_match_golden(functions, idx):
-    semantic = functions["semantic.in"]
+def test_crop_ratio_and_window_match_golden(golden_functions, idx):
+    semantic = golden_functions["semantic.in"]
     ratio = find_crop_norm_ratio(semantic[idx : idx + 1], semantic)
-    np.testing.assert_array_equal(ratio, functions[f"find_crop_norm_ratio.idx{idx}"])
+    np.testing.assert_array_equal(ratio, golden_functions[f"find_crop_norm_ratio.idx{idx}"])
     np.testing.assert_array_equal(
-        transform_semantic(semantic, idx, ratio), functions[f"transform_semantic.idx{idx}"]
+        transform_semantic(semantic, idx, ratio), golden_functions[f"transform_semantic.idx{idx}"]
     )
 
 
 @pytest.mark.golden
-def test_external_crop_ratio_and_no_ratio_match_golden(functions):
-    semantic = functions["semantic.in"]
-    ratio = find_crop_norm_ratio(functions["find_crop_norm_ratio.external_source"], semantic)
-    np.testing.assert_array_equal(ratio, functions["find_crop_norm_ratio.external_out"])
+def test_external_crop_ratio_and_no_ratio_match_golden(golden_functions):
+    semantic = golden_functions["semantic.in"]
+    ratio = find_crop_norm_ratio(golden_functions["find_crop_norm_ratio.external_source"], semantic)
+    np.testing.assert_array_equal(ratio, golden_functions["find_crop_norm_ratio.external_out"])
     np.testing.assert_array_equal(
-        transform_semantic(semantic, 5, ratio), functions["transform_semantic.idx5_external_ratio"]
+        transform_semantic(semantic, 5, ratio), golden_functions["transform_semantic.idx5_external_ratio"]
     )
     np.testing.assert_array_equal(
-        transform_semantic(semantic, 7), functions["transform_semantic.idx7_no_ratio"]
+        transform_semantic(semantic, 7), golden_functions["transform_semantic.idx7_no_ratio"]
     )
 
 
