@@ -40,6 +40,17 @@ def test_fit_video_warns_when_the_audio_is_cut_or_padded(rate):
     assert len(shorter.warnings) == 1 and "padded with silence" in shorter.warnings[0]
 
 
+def test_fit_video_says_when_it_read_only_part_of_a_longer_audio():
+    """The pipeline reads the range plus 1 s of a --fit video line: the cut is then a lower bound."""
+    rate = Fraction(25)
+    partial = plan_timeline(
+        start=0, end=25, rate=rate, audio_samples=2 * SR, sample_rate=SR, audio_complete=False
+    )
+    complete = plan_timeline(start=0, end=25, rate=rate, audio_samples=2 * SR, sample_rate=SR)
+    assert "is more than 1.000 s longer" in partial.warnings[0]
+    assert "is 1.000 s longer" in complete.warnings[0]
+
+
 EXPECTED_MAPS = {  # a 5-frame range [3, 8) shown for 13 output frames
     "loop": [3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 3, 4, 5],
     "pingpong": [3, 4, 5, 6, 7, 6, 5, 4, 3, 4, 5, 6, 7],

@@ -275,6 +275,7 @@ def redub(
             sample_rate=ANALYSIS_RATE,
             fit=request.fit,
             extend=request.extend,
+            audio_complete=needed is None or len(wav16k) < round(needed * ANALYSIS_RATE),
         )
         warnings += timeline.warnings
         n_out = timeline.frames

@@ -80,9 +80,11 @@ def plan_timeline(
     sample_rate: int,
     fit: str = "video",
     extend: str = "loop",
+    audio_complete: bool = True,
 ) -> Timeline:
     """Plan the output: ``fit="video"`` keeps exactly the frames ``[start, end)`` and pads/trims the audio to
-    them; ``fit="audio"`` shows as many frames as the audio needs (trimming the range or extending it)."""
+    them; ``fit="audio"`` shows as many frames as the audio needs (trimming the range or extending it).
+    ``audio_complete=False``: ``audio_samples`` is only what was read of a longer file (warnings say so)."""
     length = end - start
     if length < 1:
         raise InputError(f"the video range [{start}, {end}) is empty: --end must be greater than --start")
@@ -92,9 +94,10 @@ def plan_timeline(
         out_samples = samples_for_frames(n_out, rate, sample_rate)
         half_frame = samples_for_frames(1, rate, sample_rate) // 2
         if audio_samples > out_samples + half_frame:
+            excess = _seconds(audio_samples - out_samples, sample_rate)
             warnings.append(
-                f"the new audio is {_seconds(audio_samples - out_samples, sample_rate)} longer than the video "
-                f"range and is cut at its end; use --fit audio to extend the video instead"
+                f"the new audio is {excess if audio_complete else 'more than ' + excess} longer than the "
+                "video range and is cut at its end; use --fit audio to extend the video instead"
             )
         elif audio_samples + half_frame < out_samples:
             warnings.append(
