@@ -34,7 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 import retalk
 from retalk import media
-from retalk.device import resolve_device
+from retalk.device import check_precision, resolve_device
 from retalk.errors import InputError, MediaError, RetalkError
 from retalk.pipeline.request import CODECS, ENGINES, EXPRESSIONS
 
@@ -63,6 +63,7 @@ class ServerConfig:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("retalk")) / "server")
     workers: int = 1
     device: str = "auto"
+    precision: str = "fp32"  # the workers' network arithmetic (retalk.device.autocast)
     runner: str = DEFAULT_RUNNER
     max_attempts: int = 3  # runs of one job before a dying worker fails it (§8.2)
     retention: float = 24 * 3600.0  # seconds finished results are kept (§8.4)
@@ -100,7 +101,8 @@ class ServerConfig:
                 raise InputError(f"--media-root {root}: not a folder")
         if self.workers < 1:
             raise InputError(f"--workers {self.workers}: at least one worker is needed")
-        resolve_device(self.device)  # refuse --device cuda where there is none before any worker starts
+        # refuse --device cuda where there is none, or fp16 on a CPU, before any worker starts
+        check_precision(resolve_device(self.device), self.precision)
 
 
 @dataclass
@@ -173,7 +175,9 @@ class Server:
         self.pool = (
             pool
             if pool is not None
-            else ProcessWorkerPool(config.workers, runner=config.runner, device=config.device)
+            else ProcessWorkerPool(
+                config.workers, runner=config.runner, device=config.device, precision=config.precision
+            )
         )
         self._handlers = {
             "HELLO": self._on_hello,

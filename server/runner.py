@@ -24,6 +24,7 @@ def request_from_spec(spec: dict) -> RedubRequest:
         audio_offset=Fraction(spec["audio_offset"]),
         engine=spec["engine"],
         device=spec.get("device", "auto"),
+        precision=spec.get("precision", "fp32"),
         **{name: spec["options"][name] for name in OPTION_FIELDS if name in spec["options"]},
     )
 

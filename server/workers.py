@@ -68,7 +68,7 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _worker_main(conn, cancel_token, runner_path: str, device: str, parent_pid: int) -> None:
+def _worker_main(conn, cancel_token, runner_path: str, device: str, precision: str, parent_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     device = str(resolve_device(device))
     runner = load_runner(runner_path)
@@ -81,7 +81,7 @@ def _worker_main(conn, cancel_token, runner_path: str, device: str, parent_pid: 
         if message[0] == "stop":
             return
         _, token, spec = message
-        spec = dict(spec, device=device)
+        spec = dict(spec, device=device, precision=precision)
 
         def progress(stage: str, done: int, total: int, text: str = "", token=token) -> None:
             conn.send(("progress", token, {"stage": stage, "done": done, "total": total, "message": text}))
@@ -118,10 +118,12 @@ class _Worker:
 class ProcessWorkerPool:
     """``size`` local worker processes (spawned: no forked threads, no forked CUDA state)."""
 
-    def __init__(self, size: int, *, runner: str = DEFAULT_RUNNER, device: str = "auto"):
+    def __init__(
+        self, size: int, *, runner: str = DEFAULT_RUNNER, device: str = "auto", precision: str = "fp32"
+    ):
         self._context = multiprocessing.get_context("spawn")
         self._runner = runner
-        self._device = device
+        self._device, self._precision = device, precision
         self._tokens = 0
         self._workers = [self._start(i) for i in range(size)]
 
@@ -130,7 +132,7 @@ class ProcessWorkerPool:
         cancel_token = self._context.Value("q", 0, lock=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, cancel_token, self._runner, self._device, os.getpid()),
+            args=(child_conn, cancel_token, self._runner, self._device, self._precision, os.getpid()),
             name=f"retalk-worker-{worker_id}",
             daemon=True,
         )

@@ -7,6 +7,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
@@ -32,6 +33,12 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
         "--face", default="largest", help="largest | INDEX (left to right) | X,Y (a point on it)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the networks' arithmetic: fp32 (default), bf16, or fp16 on CUDA (faster, slightly different)",
+    )
     parser.add_argument("--codec", choices=CODECS, default="h264")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the video-only stages")
@@ -64,6 +71,7 @@ def request_from_args(args: argparse.Namespace, **inputs) -> RedubRequest:
         extend=args.extend,
         face=args.face,
         device=args.device,
+        precision=args.precision,
         codec=args.codec,
         seed=args.seed,
         cache_dir=args.cache_dir,

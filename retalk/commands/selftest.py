@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from retalk.device import resolve_device
+from retalk.device import PRECISIONS, check_precision, resolve_device
 from retalk.selftest import format_table, rows_to_json, run_selftest
 
 
@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="check the networks under 16-bit autocast (bf16, or fp16 on CUDA) with a relaxed rel L2 rule",
+    )
+    parser.add_argument(
         "--checkpoints",
         type=Path,
         metavar="DIR",
@@ -34,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def selftest_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    check_precision(device, args.precision)
     rows = run_selftest(
         args.golden,
         args.checkpoints,
         device,
+        args.precision,
         on_start=lambda name: print(f"selftest: {name}", file=sys.stderr),
     )
     print(json.dumps(rows_to_json(rows)) if args.json else format_table(rows))

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
+from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
 from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=1, help="worker processes (each keeps its models loaded)"
     )
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for the workers")
+    serve.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="fp32 | bf16 | fp16 (CUDA), for the workers"
+    )
     serve.add_argument("--retries", type=int, default=3, help="runs of a job before a dying worker fails it")
     serve.add_argument(
         "--retention", type=float, default=24 * 3600.0, help="seconds finished results are kept"
@@ -120,6 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
         media_roots=list(args.media_root),
         workers=args.workers,
         device=args.device,
+        precision=args.precision,
         runner=args.runner or DEFAULT_RUNNER,
         max_attempts=args.retries,
         retention=args.retention,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retalk.device import channels_last
 from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
 from retalk.models.stylegan2 import (
     ResBlock,
@@ -120,4 +121,4 @@ def load_gfpgan(path: str | Path, device: str | torch.device = "cpu") -> GFPGANv
         model = GFPGANv1Clean()
     model.to_empty(device="cpu")
     load_state_dict_checked(model, checkpoint_filter_fn(sd, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return channels_last(model.eval().to(device))  # measured faster on CPU

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retalk.device import channels_last
 from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
 from retalk.models.pirender import rename_keys
 from retalk.models.stylegan2 import FIR_TAPS, Blur, StyleGAN2Decoder, fused_leaky_relu, stylegan2_channels
@@ -147,4 +148,4 @@ def load_gpen(path: str | Path, device: str | torch.device = "cpu") -> GPEN:
         model = GPEN()
     model.to_empty(device="cpu")
     load_state_dict_checked(model, checkpoint_filter_fn(sd, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return channels_last(model.eval().to(device))  # measured faster on CPU

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retalk.device import channels_last
 from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
 
 CHECKPOINT_NAME = "ParseNet-latest.pth"
@@ -122,4 +123,4 @@ def load_parsenet(path: str | Path, device: torch.device | str = "cpu") -> Parse
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
     model = ParseNet()
     load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return channels_last(model.eval().to(device))  # measured faster on CPU

@@ -29,7 +29,7 @@ from PIL import Image
 import retalk
 from retalk import media
 from retalk.audio import mel_chunks_for_frames, melspectrogram
-from retalk.device import resolve_device
+from retalk.device import autocast, check_precision, resolve_device
 from retalk.errors import CheckpointError, InputError
 from retalk.models.dnet import load_dnet
 from retalk.models.enet import load_enet
@@ -83,6 +83,8 @@ class NeuralEngine:
     def __init__(self, request: RedubRequest) -> None:
         self.request = request
         self.device = resolve_device(request.device)
+        check_precision(self.device, request.precision)
+        self._autocast = functools.partial(autocast, self.device, request.precision)
         self._aus = expression_aus(request.upper_face) if request.upper_face != "none" else None
         self._clip: SourceClip | None = None
         self._cache: ArtifactCache | None = None
@@ -123,6 +125,7 @@ class NeuralEngine:
             clip.content_key,
             track.hexdigest(),
             self._expression_identity(),
+            self.request.precision,
             *(_identity(self._checkpoint(n)) for n in PREPARE_CHECKPOINTS),
         )
 
@@ -192,7 +195,7 @@ class NeuralEngine:
         gfpgan = self._model(load_gfpgan, "GFPGANv1.3.pth")
         parsenet = self._model(load_parsenet, "ParseNet-latest.pth")
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             # 1. E-Net: the lower half of each face from its mel window and reference
             pred = stages.lip_sync(
                 enet,
@@ -287,7 +290,7 @@ class NeuralEngine:
         face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
         found = clip.track.found
         semantic = np.zeros((len(found), 262), np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             for chunk in media.iter_frames(clip.path, clip.start, clip.end, chunk_size=PREP_CHUNK):
                 local = chunk.start - clip.start + np.arange(len(chunk.frames))
                 keep = found[local]
@@ -316,7 +319,7 @@ class NeuralEngine:
         if not track.found[0]:
             raise InputError(f"--expression {self.request.expression}: no face found in the image")
         face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             self._expression = stages.expression_from_image(face3d, image, track.landmarks[0], self.device)
         return self._expression
 
@@ -345,7 +348,7 @@ class NeuralEngine:
                     for i, h in zip(local[keep], heads, strict=True)
                 ]
             )
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 stabilized = stages.stabilize(
                     dnet, crops, self._semantic, local[keep], self._template(), self.device
                 )

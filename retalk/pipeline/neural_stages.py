@@ -7,7 +7,7 @@ Conversions to uint8 truncate where the reference truncates (D20) so values stay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -27,6 +27,7 @@ from retalk.align import (
 )
 from retalk.blend import laplacian_pyramid_blend
 from retalk.coeffs import dnet_driving_window
+from retalk.device import batch_size
 from retalk.models.enet import LNET_SIZE, PAD
 from retalk.models.ganimation import compose_expression
 from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS, face_region_mask
@@ -36,12 +37,22 @@ FACE_SIZE = 384  # E-Net crops
 ALIGNED_SIZE = 512  # GPEN, GFPGAN and ParseNet input
 GANIMATION_SIZE = 128
 CHIN_PAD = 20  # --pads default: pixels added below the face box (§9.4)
-BATCH_512 = 4  # batch of the 512 px networks: bounded memory on CPU
 GFPGAN_BORDER = (132, 133, 135)  # facexlib's border colour (135, 133, 132) BGR, in RGB
 MOUTH_LEVELS = 10  # Laplacian levels of the mouth blend (§11.4)
 FACE_LEVELS = 6  # Laplacian levels of the final face-parse blend (§11.6)
 REGION_MARGIN = 0.25  # work region around the paste box, as a fraction of its longer side
 GPEN_SMALL_FACE = 100  # faces smaller than this get the 3x3 blur before warping back (§8 step 5)
+# activation memory of one item in each network's forward pass, MB (CPU, fp32, measured at batch 4):
+# the batch sizes follow from it (retalk.device.batch_size)
+ITEM_MB = {
+    "face3d": 30,
+    "dnet": 125,
+    "gpen": 460,
+    "enet": 340,
+    "ganimation": 30,
+    "gfpgan": 525,
+    "parsenet": 540,
+}
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -53,11 +64,16 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """(n, 3, H, W) float in [0, 1] -> (n, H, W, 3) uint8, truncated as the reference does."""
-    return (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (images.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _batched(model: nn.Module, inputs: torch.Tensor, size: int = BATCH_512, **kwargs) -> torch.Tensor:
-    return torch.cat([model(inputs[i : i + size], **kwargs) for i in range(0, len(inputs), size)])
+def _in_batches(
+    forward: Callable[[slice], torch.Tensor], n: int, network: str, device: torch.device
+) -> torch.Tensor:
+    """``forward(items)`` over items [0, n) in slices as large as ``network``'s memory allows, concatenated
+    (in fp32: autocast may return 16-bit halves)."""
+    size = batch_size(device, ITEM_MB[network])
+    return torch.cat([forward(slice(i, i + size)).float() for i in range(0, n, size)])
 
 
 def per_frame_noise(
@@ -114,7 +130,10 @@ def face3d_rows(
         trans_params, im224, _, _ = align_img(crop, lm_yup, LM3D_STD)
         aligned.append(im224)
         params.append(trans_params)
-    coeffs = face3d(_to_tensor(np.stack(aligned), device))  # [n, 3, 224, 224] -> [n, 257]
+    images = _to_tensor(np.stack(aligned), device)
+    coeffs = _in_batches(
+        lambda s: face3d(images[s]), len(images), "face3d", device
+    )  # [n, 3, 224, 224] -> [n, 257]
     return np.concatenate([coeffs.cpu().numpy(), np.stack(params)], axis=1).astype(np.float32)
 
 
@@ -126,7 +145,7 @@ def expression_from_image(
     lm_yup[:, 1] = image.shape[0] - 1 - lm_yup[:, 1]
     _, im224, _, _ = align_img(image, lm_yup, LM3D_STD)
     coeffs = face3d(_to_tensor(im224[None], device))
-    return coeffs[0, 80:144].cpu().numpy().astype(np.float32)
+    return coeffs[0, 80:144].float().cpu().numpy()
 
 
 # --- 2. D-Net expression stabilisation (§6) ------------------------------------------------------------------
@@ -142,8 +161,11 @@ def stabilize(
 ) -> np.ndarray:
     """D-Net re-renders each crop with the template expression and its own pose: (n, 256, 256, 3) uint8 RGB."""
     source = _to_tensor(crops256, device) * 2 - 1  # [n, 3, 256, 256] in [-1, 1]
-    driving = np.stack([dnet_driving_window(semantic, int(i), expression) for i in indices])
-    fake = dnet(source, torch.from_numpy(driving).to(device))["fake_image"]  # [n, 73, 26] -> [n, 3, 256, 256]
+    driving = torch.from_numpy(np.stack([dnet_driving_window(semantic, int(i), expression) for i in indices]))
+    driving = driving.to(device)
+    fake = _in_batches(
+        lambda s: dnet(source[s], driving[s])["fake_image"], len(source), "dnet", device
+    )  # [n, 73, 26] -> [n, 3, 256, 256]
     return _to_uint8((fake.clamp(-1, 1) + 1) / 2)
 
 
@@ -154,11 +176,8 @@ def parse_faces(
     parsenet: nn.Module, faces512: np.ndarray, labels: Sequence[int], device: torch.device
 ) -> np.ndarray:
     """(n, 512, 512) uint8 masks, 255 where ParseNet's label is in ``labels``."""
-    logits = torch.cat(
-        [
-            parsenet(_to_tensor(faces512[i : i + BATCH_512], device) * 2 - 1)[0]
-            for i in range(0, len(faces512), BATCH_512)
-        ]
+    logits = _in_batches(
+        lambda s: parsenet(_to_tensor(faces512[s], device) * 2 - 1)[0], len(faces512), "parsenet", device
     )
     return face_region_mask(logits, labels).cpu().numpy()
 
@@ -179,7 +198,10 @@ def enhance_references(
             for img, m in zip(stabilized, matrices, strict=True)
         ]
     )
-    enhanced = _to_uint8(_batched(gpen, _to_tensor(aligned, device) * 2 - 1) * 0.5 + 0.5)
+    enhanced = _in_batches(
+        lambda s: gpen(_to_tensor(aligned[s], device) * 2 - 1), len(aligned), "gpen", device
+    )
+    enhanced = _to_uint8(enhanced * 0.5 + 0.5)
     masks = parse_faces(parsenet, enhanced, FACE_LABELS, device).astype(np.float32) / 255
     out = np.empty_like(stabilized)
     size = (CROP_SIZE, CROP_SIZE)
@@ -239,8 +261,11 @@ def lip_sync(
     img_batch = _to_tensor(np.concatenate([masked, references], axis=3)[..., [2, 1, 0, 5, 4, 3]], device)
     mel_batch = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)).to(device)[:, None]
     noise = per_frame_noise(seeds, enet_noise_shapes(), device)
-    pred, _ = enet(
-        mel_batch, img_batch, img_batch[:, 3:], noise=noise
+    pred = _in_batches(
+        lambda s: enet(mel_batch[s], img_batch[s], img_batch[s, 3:], noise=[z[s] for z in noise])[0],
+        len(img_batch),
+        "enet",
+        device,
     )  # [n, 6, 384, 384] -> [n, 3, 384, 384]
     return _to_uint8(pred)[..., ::-1].copy()  # BGR -> RGB
 
@@ -253,8 +278,13 @@ def edit_upper_face(
     source = F.interpolate(
         _to_tensor(faces, device) * 2 - 1, size=GANIMATION_SIZE, mode="bilinear", align_corners=False
     )
-    color, mask, _ = ganimation(source, aus.to(device).expand(len(faces), -1))
-    edited = compose_expression(source, color, mask) / 2 + 0.5
+    aus = aus.to(device).expand(len(faces), -1)
+
+    def edit(items: slice) -> torch.Tensor:
+        color, mask, _ = ganimation(source[items], aus[items])
+        return compose_expression(source[items], color, mask)
+
+    edited = _in_batches(edit, len(source), "ganimation", device) / 2 + 0.5
     edited = _to_uint8(F.interpolate(edited, size=FACE_SIZE, mode="bilinear", align_corners=False))
     out = pred.copy()
     out[:, : FACE_SIZE // 2] = edited[:, : FACE_SIZE // 2]
@@ -310,14 +340,15 @@ def restore_faces(
         ]
     )
     shapes = [tuple(getattr(gfpgan.noises, f"noise{i}").shape[-2:]) for i in range(gfpgan.decoder.num_layers)]
-    restored = []
-    for i in range(0, len(aligned), BATCH_512):
-        noise = per_frame_noise(seeds[i : i + BATCH_512], shapes, device)
-        out = gfpgan(_to_tensor(aligned[i : i + BATCH_512], device) * 2 - 1, noise=noise)
-        restored.append(
-            ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        )
-    return np.concatenate(restored), matrices
+    noise = per_frame_noise(seeds, shapes, device)
+    out = _in_batches(
+        lambda s: gfpgan(_to_tensor(aligned[s], device) * 2 - 1, noise=[z[s] for z in noise]),
+        len(aligned),
+        "gfpgan",
+        device,
+    )
+    restored = ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return restored, matrices
 
 
 def paste_back_restored(

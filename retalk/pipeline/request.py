@@ -8,6 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from retalk import media
+from retalk.device import PRECISIONS
 from retalk.errors import InputError
 from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 
@@ -33,6 +34,9 @@ class RedubRequest:
     extend: str = "loop"  # loop | pingpong | hold (fit=audio with a longer audio)
     face: str = "largest"  # largest | INDEX | X,Y
     device: str = "auto"
+    precision: str = (
+        "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (retalk.device.autocast)
+    )
     codec: str = "h264"
     seed: int = 0
     cache_dir: Path | None = None  # default: platformdirs user cache / "retalk"
@@ -57,6 +61,7 @@ class RedubRequest:
         choice("fit", self.fit, FIT_MODES)
         choice("extend", self.extend, EXTEND_MODES)
         choice("codec", self.codec, CODECS)
+        choice("precision", self.precision, PRECISIONS)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if not isinstance(self.start, int) or self.start < 0:
