@@ -1,8 +1,12 @@
 """Re-dub pipeline benchmark (a script, not a test): per-stage time per frame (first take, second take from the
-tracking cache) and peak RSS of a short and a 60 s take on the shared clips, plus the preview renderer's
-speed per frame at 720p and 1080p on one thread.
+cache) and peak RSS of each take and of a short and a 60 s take on the shared clips, next to the reference's
+network seconds per frame (../shared/reference/timing.json). The preview engine runs on both clips, plus the
+preview renderer's speed per frame at 720p and 1080p on one thread; the neural engine runs on the first
+``--frames`` frames of face1.mp4 (about 10 s a frame on 2 CPU cores; its short and long takes loop those frames
+over the 5 s speech and ``--long`` seconds, so pick ``--long`` with that cost in mind).
 
     python benchmarks/pipeline.py [--long 60] [--codec h264]
+    python benchmarks/pipeline.py --engine neural --checkpoints DIR [--frames 16] [--long 60]
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import cv2
 import numpy as np
 
 from retalk import media
-from retalk.commands.bench import format_report, run_bench
+from retalk.commands.bench import default_reference_timing, format_report, reference_costs, run_bench
 from retalk.pipeline.preview import render_frame
 from retalk.tracking import track_faces
 
@@ -40,11 +44,38 @@ def preview_speed(clip: Path, height: int, repeats: int = 30) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+def neural(checkpoints: Path, frames: int, long_seconds: float, codec: str, reference: dict) -> None:
+    """The neural engine on face1.mp4's first ``frames`` frames, re-dubbed with the shared speech."""
+    with tempfile.TemporaryDirectory(prefix="retalk-bench-") as folder:
+        results = run_bench(
+            SHARED / "face1.mp4",
+            SHARED / "speech1.wav",
+            Path(folder),
+            engine="neural",
+            codec=codec,
+            long_seconds=long_seconds,
+            end=frames,
+            checkpoints=checkpoints,
+        )
+    print(format_report({**results, "reference": reference}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("preview", "neural"), default="preview")
+    parser.add_argument(
+        "--checkpoints", type=Path, help="official (or synthetic) checkpoints, for --engine neural"
+    )
+    parser.add_argument("--frames", type=int, default=16, help="face1.mp4 frames the neural engine re-dubs")
     parser.add_argument("--long", type=float, default=60.0)
     parser.add_argument("--codec", default="h264")
     args = parser.parse_args()
+    reference = reference_costs(default_reference_timing())
+    if args.engine == "neural":
+        if args.checkpoints is None:
+            parser.error("--engine neural needs --checkpoints DIR")
+        neural(args.checkpoints, args.frames, args.long, args.codec, reference)
+        return
     cv2.setNumThreads(1)
     speech = SHARED / "speech1.wav"
     for name in ("face1.mp4", "face2.mp4"):
@@ -62,7 +93,7 @@ def main() -> None:
                 codec=args.codec,
                 long_seconds=args.long,
             )
-        print(format_report(results))
+        print(format_report({**results, "reference": reference}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``retalk bench``: time per frame of each stage, first take and second take (cached), and peak memory for
-a short and a long output (memory must not grow with the length of the clip)."""
+a short and a long output (memory must not grow with the length of the clip); next to it, what the reference
+spends on networks per output frame (its per-call CPU timings times how often it calls each network)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,99 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
 
+import retalk
 from retalk import media
+from retalk.errors import InputError
 from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline.request import CODECS, ENGINES
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
+
+
+class NetworkCalls(NamedTuple):
+    """Calls per output frame of one network (one face, as many output frames as video frames)."""
+
+    timing: str | None  # its entry in timing.json; None: never timed
+    runs_on: str  # the reference's input size (timing.json timed one size; other sizes cost differently)
+    reference: int
+    neural_first: int  # retalk's neural engine, first take
+    neural_second: int  # second take: the video-only stages come from the cache
+
+
+# PIPELINE.md sections in the comments. The reference's dlib HOG (§2) runs on one frame per clip, GANimation
+# (§11.5) only with --up_face; retalk's face track (dlib, once per frame, cached) uses none of these networks.
+NETWORK_CALLS: dict[str, NetworkCalls] = {
+    # §3 and §9.1: the detector inside both FAN landmark passes (D4)
+    "S3FD (face_alignment)": NetworkCalls("S3FD", "256x256", 2, 0, 0),
+    "FAN 2DFAN-4": NetworkCalls(None, "256x256", 2, 0, 0),  # §3 and §9.1
+    "S3FD (face_detect)": NetworkCalls("S3FD", "frame", 1, 0, 0),  # §9.3
+    "RetinaFace-R50 (GPEN)": NetworkCalls("RetinaFace-R50", "256, frame", 2, 0, 0),  # §8 step 1, §11.6
+    "RetinaFace-R50 (facexlib)": NetworkCalls("RetinaFace-R50", "frame", 1, 0, 0),  # §11.2
+    "face3d ResNet-50": NetworkCalls("face3d_recon", "224x224", 1, 1, 0),  # §4
+    "D-Net": NetworkCalls("DNet", "256x256", 1, 1, 0),  # §6
+    "GPEN-BFR-512": NetworkCalls("GPEN-BFR-512", "512x512", 1, 1, 0),  # §8 step 3
+    # §8 step 4 (reference mask), §11.3 (mouth mask), §11.6 (face-parse blend); a second take redoes the last two
+    "ParseNet": NetworkCalls("ParseNet", "512x512", 3, 3, 2),
+    "E-Net (its L-Net inside)": NetworkCalls("ENet", "384x384", 1, 1, 1),  # §10, timed with its L-Net
+    "GFPGAN v1.3": NetworkCalls("GFPGANv1.3", "512x512", 1, 1, 1),  # §11.2
+}
+
+
+def default_reference_timing() -> Path:
+    """``../shared/reference/timing.json`` beside the repository."""
+    return Path(retalk.__file__).resolve().parents[1].parent / "shared" / "reference" / "timing.json"
+
+
+def _largest_input(shapes: dict) -> str:
+    """The biggest input a network was timed with, batch dropped (e.g. ``3x700x700``)."""
+    shape = max(shapes.values(), key=lambda s: int(np.prod(s)), default=[])
+    return "x".join(str(n) for n in shape[1:])
+
+
+def reference_costs(timing_path: Path) -> dict:
+    """The reference's network seconds per output frame from its per-call medians (timing.json) and
+    :data:`NETWORK_CALLS`; ``{"timing": path, "found": False}`` when the file does not exist."""
+    if not timing_path.is_file():
+        return {"timing": str(timing_path), "found": False}
+    try:
+        timing = json.loads(timing_path.read_text())
+        medians = {k: float(v["median_s"]) for k, v in timing.items() if not k.startswith("_")}
+        inputs = {k: _largest_input(timing[k].get("input_shapes", {})) for k in medians}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"{timing_path}: not a timing.json with a median_s per network ({err})") from err
+    rows = []
+    for name, calls in NETWORK_CALLS.items():
+        median = medians.get(calls.timing)
+        rows.append(
+            {
+                "network": name,
+                "runs_on": calls.runs_on,
+                "timed_input": inputs.get(calls.timing, ""),
+                "reference_calls": calls.reference,
+                "median_s": median,
+                "reference_s_per_frame": None if median is None else calls.reference * median,
+                "neural_first_calls": calls.neural_first,
+                "neural_second_calls": calls.neural_second,
+            }
+        )
+    timed = [r for r in rows if r["median_s"] is not None]
+    return {
+        "timing": str(timing_path),
+        "found": True,
+        "environment": timing.get("_environment", {}),
+        "networks": rows,
+        "untimed": [r["network"] for r in rows if r["median_s"] is None],
+        # the same per-call medians times each side's calls: what the call counts alone save
+        "total_s_per_frame": {
+            "reference": sum(r["reference_s_per_frame"] for r in timed),
+            "neural_first": sum(r["neural_first_calls"] * r["median_s"] for r in timed),
+            "neural_second": sum(r["neural_second_calls"] * r["median_s"] for r in timed),
+        },
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +122,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoints", type=Path, help="folder of the official (or synthetic) checkpoints")
     parser.add_argument("--codec", choices=CODECS, default="h264")
     parser.add_argument("--long", type=float, default=60.0, help="seconds of the long take (the clip loops)")
+    parser.add_argument(
+        "--reference-timing",
+        type=Path,
+        help="the reference's per-network timings; default: ../shared/reference/timing.json beside the repo",
+    )
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     parser.set_defaults(func=run)
 
@@ -106,14 +197,52 @@ def format_report(results: dict) -> str:
         lines.append(f"{stage:<10}{a:>22.2f}{b:>22.2f}")
     total = [sum(t["stage_seconds"].values()) * 1000 / t["frames"] for t in (first, second)]
     lines.append(f"{'total':<10}{total[0]:>22.2f}{total[1]:>22.2f}")
+    lines.append(f"{'peak RSS':<10}{first['peak_rss_mb']:>19.0f} MB{second['peak_rss_mb']:>19.0f} MB")
     lines.append(f"second take cache hits: {', '.join(second['cache_hits']) or 'none'}")
     for name in ("short", "long"):
         take = results[name]
         lines.append(f"peak RSS, {take['frames']:>5} output frames: {take['peak_rss_mb']:.0f} MB")
+    if "reference" in results:
+        lines += ["", *_format_reference(results["reference"])]
     return "\n".join(lines)
 
 
+def _format_reference(reference: dict) -> list[str]:
+    if not reference["found"]:
+        return [f"reference timing not found at {reference['timing']}"]
+    env = reference["environment"]
+    lines = [
+        f"reference networks per output frame (timing: {reference['timing']}; {env.get('device', '?')}, "
+        f"{env.get('threads', '?')} threads, batch 1, torch {env.get('torch', '?')})",
+        f"{'network':<27}{'runs on':>11}{'timed input':>12}{'calls':>6}{'s/call':>9}{'s/frame':>9}"
+        f"{'neural 1st':>11}{'neural 2nd':>11}",
+    ]
+    for row in reference["networks"]:
+        timed = row["median_s"] is not None
+        per_call = f"{row['median_s']:.4f}" if timed else "untimed"
+        per_frame = f"{row['reference_s_per_frame']:.4f}" if timed else "untimed"
+        lines.append(
+            f"{row['network']:<27}{row['runs_on']:>11}{row['timed_input']:>12}{row['reference_calls']:>6}{per_call:>9}"
+            f"{per_frame:>9}{row['neural_first_calls']:>11}{row['neural_second_calls']:>11}"
+        )
+    total = reference["total_s_per_frame"]
+    lines.append(
+        f"{'total s/frame':<27}{'':>11}{'':>12}{'':>6}{'':>9}{total['reference']:>9.3f}"
+        f"{total['neural_first']:>11.3f}{total['neural_second']:>11.3f}"
+    )
+    lines.append(
+        "neural columns: retalk's calls per frame; their total prices them at the reference's s/call"
+    )
+    if reference["untimed"]:
+        lines.append(f"untimed, not in the totals: {', '.join(reference['untimed'])}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
+    timing = args.reference_timing or default_reference_timing()
+    if args.reference_timing is not None and not timing.is_file():
+        raise InputError(f"--reference-timing {timing}: no such file")
+    reference = reference_costs(timing)  # before the takes: a bad file fails in a second, not in minutes
     with tempfile.TemporaryDirectory(prefix="retalk-bench-") as tmp:
         folder = Path(tmp)
         video, audio = args.video, args.audio
@@ -135,5 +264,6 @@ def run(args: argparse.Namespace) -> int:
             end=args.end,
             checkpoints=args.checkpoints,
         )
+    results["reference"] = reference
     print(json.dumps(results) if args.json else format_report(results))
     return 0
