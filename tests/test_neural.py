@@ -1,10 +1,13 @@
 """The neural engine: stage functions with stand-in networks (colour orders, geometry, noise), then the
-whole re-dub with synthetic checkpoints (meaningless images: structure, exact timing, untouched pixels,
-faceless frames, determinism and the prepare cache)."""
+whole re-dub with synthetic checkpoints on a generated clip and on frames of the shared clips (meaningless
+images: structure, exact timing for --fit video and --fit audio, untouched pixels, faceless frames, determinism
+and the prepare cache)."""
 
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -16,11 +19,11 @@ from mediagen import face_image, write_face_clip, write_tone
 from retalk import media
 from retalk.align import FACE_TEMPLATE_FFHQ_512, five_points
 from retalk.errors import CancelledError
-from retalk.pipeline import RedubRequest, redub
+from retalk.pipeline import RedubRequest, RedubResult, redub
 from retalk.pipeline import neural_stages as stages
 from retalk.pipeline.neural import _nearest_found
 from retalk.registry import synth
-from retalk.tracking import track_faces
+from retalk.tracking import FaceTrack, track_faces
 
 RATE = Fraction(25)
 OUT_SR = 48000
@@ -34,18 +37,20 @@ def test_lip_sync_keeps_rgb_and_feeds_enet_bgr_with_the_lower_half_masked():
     rng = np.random.default_rng(0)
     faces = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
     refs = rng.integers(0, 256, (2, 384, 384, 3), dtype=np.uint8)
-    seen = {}
+    calls = []
 
     def enet(mel, img_batch, reference, noise):
-        seen["img"], seen["noise"] = img_batch, noise
+        calls.append((img_batch, noise))
         return reference, None  # a stand-in that returns its reference unchanged
 
     out = stages.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, [1, 2], CPU)
     np.testing.assert_array_equal(out, refs)  # RGB in, E-Net's BGR world, RGB out
-    masked = (seen["img"][:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    img = torch.cat([img_batch for img_batch, _ in calls])  # the frames may come in several batches
+    masked = (img[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     assert not masked[:, 192:].any()
     np.testing.assert_array_equal(masked[:, :192], faces[:, :192, :, ::-1])  # BGR
-    assert [tuple(n.shape) for n in seen["noise"]] == [(2, 1, 200, 200)] * 2 + [(2, 1, 400, 400)] * 2
+    noise = [torch.cat(maps) for maps in zip(*(noise for _, noise in calls), strict=True)]
+    assert [tuple(n.shape) for n in noise] == [(2, 1, 200, 200)] * 2 + [(2, 1, 400, 400)] * 2
 
 
 def test_per_frame_noise_does_not_depend_on_batch_mates():
@@ -133,6 +138,20 @@ def test_faceless_frames_borrow_the_nearest_face_row():
 
 # --- the whole engine with synthetic checkpoints ---------------------------------------------------------------
 
+SHARED_RATES = {"face1": Fraction(1350, 61), "face2": Fraction(25)}  # ../shared/media, as documented
+SHARED_FRAMES = 3  # two faces at most: a face costs seconds of CPU to prepare and to render
+BLANK = 1  # in every clip, the frame without a face
+FACE_MARGIN = 0.75  # the face region: the landmarks' box grown by this much of its size on every side
+
+
+class Clip(NamedTuple):
+    name: str
+    path: Path  # a lossless clip
+    folder: Path  # where its takes and cache go
+    rate: Fraction  # the rate it was written at
+    frames: np.ndarray  # its decoded frames
+    track: FaceTrack  # of its frames
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
@@ -141,24 +160,52 @@ def checkpoints(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """Two lossless frames: a face, then a blank frame (the renders are slow on a CPU: one face is enough)."""
-    folder = tmp_path_factory.mktemp("neural")
-    path = write_face_clip(folder / "clip.mkv", n_frames=2, rate=RATE, codec="lossless", blank_frames=(1,))
-    return path, folder
+def _lossless_excerpt(source: Path, path: Path, rate: Fraction) -> Path:
+    """The first frames of ``source``, the face of frame BLANK blacked out (its box doubled), lossless."""
+    frames = media.read_frames(source, 0, SHARED_FRAMES)
+    x1, y1, x2, y2 = track_faces(list(frames)).boxes[BLANK]
+    w, h = x2 - x1, y2 - y1
+    frames[BLANK, max(int(y1 - h / 2), 0) : int(y2 + h / 2), max(int(x1 - w / 2), 0) : int(x2 + w / 2)] = 0
+    height, width = frames.shape[1:3]
+    with media.VideoWriter(path, width=width, height=height, rate=rate, codec="lossless") as writer:
+        writer.write(frames)
+    return path
 
 
-def _request(clip, checkpoints, audio, name, **kwargs) -> RedubRequest:
-    path, folder = clip
+@pytest.fixture(
+    scope="module",
+    params=[
+        "generated",
+        pytest.param("face1", marks=pytest.mark.slow),
+        pytest.param("face2", marks=pytest.mark.slow),
+    ],
+)
+def clip(request, tmp_path_factory) -> Clip:
+    """A lossless clip at its own exact rate: a generated face then a blank frame, or a shared clip's first
+    frames with the face of the second blacked out."""
+    folder = tmp_path_factory.mktemp(f"neural-{request.param}")
+    if request.param == "generated":
+        rate = RATE
+        path = write_face_clip(
+            folder / "clip.mkv", n_frames=2, rate=rate, codec="lossless", blank_frames=[BLANK]
+        )
+    else:  # needs ../shared: ask for the fixture (it skips when absent) only for these clips
+        rate = SHARED_RATES[request.param]
+        source = request.getfixturevalue("media_dir") / f"{request.param}.mp4"
+        path = _lossless_excerpt(source, folder / "clip.mkv", rate)
+    frames = _frames(path)
+    return Clip(request.param, path, folder, rate, frames, track_faces(list(frames)))
+
+
+def _request(clip: Clip, checkpoints, audio, name, **kwargs) -> RedubRequest:
     return RedubRequest(
-        video=path,
+        video=clip.path,
         audio=audio,
-        output=folder / name,
+        output=clip.folder / name,
         engine="neural",
         codec="lossless",
         checkpoints=checkpoints,
-        cache_dir=folder / "cache",
+        cache_dir=clip.folder / "cache",
         **kwargs,
     )
 
@@ -167,50 +214,84 @@ def _frames(path) -> np.ndarray:
     return np.concatenate([c.frames for c in media.iter_frames(path)])
 
 
-def _noise_wav(path, seconds: float) -> str:
+def _noise_wav(path, seconds: Fraction) -> Path:
     samples = np.random.default_rng(1).normal(0, 0.2, round(seconds * 16000)).astype(np.float32)
     soundfile.write(path, samples, 16000)
     return path
 
 
+def _seconds(result: RedubResult) -> str:
+    return f"{sum(result.stage_seconds.values()):.1f} s (prepare {result.stage_seconds['prepare']:.1f} s)"
+
+
+def _assert_exact(result: RedubResult, clip: Clip, audio: Path, n_frames: int) -> None:
+    """``n_frames`` frames at the clip's exact rate, and the new audio at 48 kHz cut or padded to end with them."""
+    info = media.probe(result.output)
+    duration = Fraction(n_frames) / clip.rate
+    assert (info.frame_count, info.rate) == (n_frames, clip.rate)
+    assert (result.frames, result.rate) == (n_frames, clip.rate)
+    assert result.duration == info.duration == duration
+    samples = round(duration * OUT_SR)
+    expected = media.read_audio(audio, sample_rate=OUT_SR)[:samples]
+    expected = np.concatenate([expected, np.zeros(samples - len(expected), expected.dtype)])
+    got = media.read_audio(result.output, sample_rate=OUT_SR)
+    assert len(got) == samples
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)  # 24-bit PCM in the file
+
+
+def _assert_only_the_faces_changed(clip: Clip, output: Path) -> None:
+    """Output frame i shows clip frame i: faceless ones bit for bit, the others outside the face region."""
+    out = _frames(output)
+    track = clip.track
+    for source, rendered, found, lm in zip(clip.frames, out, track.found, track.landmarks, strict=False):
+        changed = np.any(rendered != source, axis=2)
+        if not found:
+            assert not changed.any()  # a faceless frame passes through
+            continue
+        (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+        dx, dy = FACE_MARGIN * (x1 - x0), FACE_MARGIN * (y1 - y0)
+        face_region = np.zeros_like(changed)
+        face_region[max(int(y0 - dy), 0) : int(y1 + dy), max(int(x0 - dx), 0) : int(x1 + dx)] = True
+        assert changed.any()  # the engine rendered the face
+        assert not (changed & ~face_region).any()  # and nothing outside it
+
+
 @pytest.fixture(scope="module")
 def first_take(clip, checkpoints):
-    audio = write_tone(clip[1] / "line1.wav", 0.08)
+    """--fit video with the tone as long as the clip."""
+    audio = write_tone(clip.folder / "line1.wav", len(clip.frames) / clip.rate)
     return redub(_request(clip, checkpoints, audio, "take1.mkv", seed=3)), audio
 
 
-def test_first_take_is_exact_and_touches_only_the_face(clip, first_take):
-    result, _ = first_take
+def test_first_take_is_exact_and_touches_only_the_faces(clip, first_take):
+    result, audio = first_take
     assert result.engine == "neural"
-    assert result.faceless_ranges == [(1, 2)]
+    assert result.faceless_ranges == [(BLANK, BLANK + 1)]
     assert not {"coefficients", "references"} & set(result.cache_hits)
-    info = media.probe(result.output)
-    assert (info.frame_count, info.rate, result.duration) == (2, RATE, Fraction(2, 25))
-    assert len(media.read_audio(result.output, sample_rate=OUT_SR)) == 2 * OUT_SR // 25
-    source, out = _frames(clip[0]), _frames(result.output)
-    np.testing.assert_array_equal(out[1], source[1])  # the faceless frame passes through
-    lm = track_faces([source[0]]).landmarks[0]
-    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
-    w, h = x1 - x0, y1 - y0
-    changed = np.any(out[0] != source[0], axis=2)
-    face_region = np.zeros_like(changed)
-    face_region[int(y0 - h) : int(y1 + h), int(x0 - w) : int(x1 + w)] = True
-    assert changed.any()  # the engine rendered the face
-    assert not (changed & ~face_region).any()  # and nothing outside it
+    _assert_exact(result, clip, audio, len(clip.frames))
+    _assert_only_the_faces_changed(clip, result.output)
 
 
-def test_second_take_with_new_audio_skips_the_video_stages(clip, checkpoints, first_take, monkeypatch):
+def test_second_take_fits_shorter_audio_from_the_prepared_video(clip, checkpoints, first_take, monkeypatch):
+    """--fit audio with a line one and a half frames shorter than the clip: one frame fewer, a face rendered
+    from the prepared references among them, and the video-only stages come from the first take's cache."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a video-only stage ran although its output was cached")
 
     for stage in ("face3d_rows", "stabilize", "enhance_references"):
         monkeypatch.setattr(stages, stage, refuse)
-    audio = _noise_wav(clip[1] / "line2.wav", 0.08)
-    result = redub(_request(clip, checkpoints, audio, "take2.mkv", seed=3))
+    n_frames = len(clip.frames) - 1
+    audio = _noise_wav(clip.folder / "line2.wav", (n_frames - Fraction(1, 2)) / clip.rate)
+    result = redub(_request(clip, checkpoints, audio, "take2.mkv", seed=3, fit="audio"))
+    print(f"{clip.name}: first take {_seconds(first_take[0])}, second take {_seconds(result)}")
     assert {"track", "coefficients", "references"} <= set(result.cache_hits)
-    assert media.probe(result.output).frame_count == 2
+    assert result.faceless_ranges == ([(BLANK, BLANK + 1)] if BLANK < n_frames else [])
+    _assert_exact(result, clip, audio, n_frames)
+    _assert_only_the_faces_changed(clip, result.output)
 
 
+@pytest.mark.parametrize("clip", ["generated"], indirect=True)
 def test_same_seed_renders_identical_frames(clip, checkpoints, first_take):
     """A re-render (prepare from the cache, models already loaded) equals the first take exactly."""
     first, audio = first_take
@@ -218,11 +299,12 @@ def test_same_seed_renders_identical_frames(clip, checkpoints, first_take):
     np.testing.assert_array_equal(_frames(again.output), _frames(first.output))
 
 
+@pytest.mark.parametrize("clip", ["generated"], indirect=True)
 def test_prepare_reports_progress_and_can_be_cancelled(clip, checkpoints):
     """The video-only stages report through the pipeline, so a cancel lands before the slow references."""
     seen: list[str] = []
-    request = _request(clip, checkpoints, write_tone(clip[1] / "line4.wav", 0.08), "cancelled.mkv")
-    request.cache_dir = clip[1] / "fresh-cache"  # nothing prepared yet
+    request = _request(clip, checkpoints, write_tone(clip.folder / "line4.wav", 0.08), "cancelled.mkv")
+    request.cache_dir = clip.folder / "fresh-cache"  # nothing prepared yet
     with pytest.raises(CancelledError):
         redub(request, progress=lambda e: seen.append(e.stage), should_cancel=lambda: "coefficients" in seen)
     assert "coefficients" in seen and "references" not in seen
