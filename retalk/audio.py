@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from fractions import Fraction
 
 import librosa
@@ -40,9 +41,14 @@ def melspectrogram(wav16k: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(wav)):
         raise InputError("the audio contains NaN or infinite samples; fix or re-export the audio file")
     emphasised = scipy.signal.lfilter([1, -PREEMPHASIS], [1], wav)  # float64
-    spectrum = librosa.stft(
-        y=emphasised, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, center=True, pad_mode="constant"
-    )
+    with warnings.catch_warnings():
+        # a line shorter than one window (a 1-frame output) is well defined: centring pads it with zeros
+        warnings.filterwarnings(
+            "ignore", message="n_fft=.* is too large for input signal", category=UserWarning
+        )
+        spectrum = librosa.stft(
+            y=emphasised, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, center=True, pad_mode="constant"
+        )
     mel = _mel_basis() @ np.abs(spectrum)
     level_db = 20 * np.log10(np.maximum(10 ** (MIN_LEVEL_DB / 20), mel)) - REF_LEVEL_DB
     scaled = 2 * MAX_ABS_VALUE * (level_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - MAX_ABS_VALUE

@@ -123,3 +123,10 @@ def test_float_rate_and_bad_shapes_are_refused():
         audio.mel_chunks_for_frames(np.zeros((40, 50)), Fraction(25), 3)
     with pytest.raises(InputError):
         audio.mel_chunks_for_frames(np.zeros((80, 50)), Fraction(25), -1)
+
+
+def test_a_line_shorter_than_one_window_gives_frames_without_a_warning(recwarn):
+    """A one-frame output at 25 fps is 640 samples at 16 kHz, less than the 800-sample window."""
+    mel = audio.melspectrogram(np.random.default_rng(0).normal(0, 0.1, 640))
+    assert mel.shape == (80, 1 + 640 // 200) and np.isfinite(mel).all()
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
