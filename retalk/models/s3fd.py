@@ -76,7 +76,7 @@ class S3FD(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         def relu_chain(h: torch.Tensor, *convs: nn.Conv2d) -> torch.Tensor:
             for conv in convs:
-                h = F.relu(conv(h))
+                h = F.relu(conv(h), inplace=True)  # in place: one fresh full-size tensor a layer, not two
             return h
 
         h = F.max_pool2d(relu_chain(x, self.conv1_1, self.conv1_2), 2, 2)  # [B, 3, H, W] -> [B, 64, H/2, W/2]
