@@ -7,7 +7,6 @@ Memory is bounded by the chunk size, never by the clip length; nothing is writte
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -68,15 +67,12 @@ class Engine(Protocol):
     ) -> np.ndarray: ...
 
 
-def _neural_engine(request: RedubRequest) -> Engine | None:
-    """The neural engine where this build has one (it lives in ``retalk.pipeline.neural``), else None."""
-    try:
-        module = importlib.import_module("retalk.pipeline.neural")
-    except ModuleNotFoundError as err:
-        if err.name != "retalk.pipeline.neural":
-            raise
-        return None
-    return module.NeuralEngine(request)
+def _neural_engine(request: RedubRequest) -> Engine:
+    """The neural engine, imported only when chosen: it brings torch and the networks, which the preview
+    engine never needs."""
+    from retalk.pipeline.neural import NeuralEngine
+
+    return NeuralEngine(request)
 
 
 def choose_engine(request: RedubRequest) -> tuple[Engine, list[str]]:
@@ -90,21 +86,13 @@ def choose_engine(request: RedubRequest) -> tuple[Engine, list[str]]:
                 f"--engine neural needs checkpoints that are missing: {', '.join(missing)}; "
                 "get them with `retalk models fetch` (or pass --checkpoints DIR), or use --engine preview"
             )
-        engine = _neural_engine(request)
-        if engine is None:
-            raise InputError(
-                "--engine neural is not available in this version of retalk; use --engine preview"
-            )
-        return engine, []
+        return _neural_engine(request), []
     if missing:
         return PreviewEngine(), [
             f"using the preview engine: the neural engine's checkpoints are missing ({', '.join(missing)}); "
             "`retalk models fetch` downloads them"
         ]
-    engine = _neural_engine(request)
-    if engine is None:
-        return PreviewEngine(), ["using the preview engine: this version of retalk has no neural engine yet"]
-    return engine, []
+    return _neural_engine(request), []
 
 
 class _FrameReader:
