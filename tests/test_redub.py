@@ -273,3 +273,12 @@ def test_audio_offset_picks_the_line_sample_exactly(tmp_path, clip, cache_dir):
     expected = media.read_audio(line, start=offset, sample_rate=OUT_SR)[:n]
     assert len(written) == n
     assert np.abs(written - expected).max() < 1e-5  # 24-bit PCM in the lossless container
+
+
+def test_neural_only_options_with_the_preview_engine_are_named_in_warnings(tmp_path, clip, cache_dir):
+    audio = write_tone(tmp_path / "line.wav", 0.5)
+    req = request(tmp_path, clip[0], audio, cache_dir, start=START, end=START + 4)
+    req.engine, req.expression, req.upper_face, req.precision = "preview", "smile", "sad", "bf16"
+    result = redub(req)
+    ignored = [w for w in result.warnings if "has no effect with the preview engine" in w]
+    assert sorted(w.split()[0] for w in ignored) == ["--expression", "--precision", "--upper-face"]

@@ -243,8 +243,12 @@ def redub(
         if engine.name == "preview":
             warnings += [
                 f"--{name} {value} has no effect with the preview engine"
-                for name, value in (("expression", request.expression), ("upper-face", request.upper_face))
-                if value not in ("neutral", "none")
+                for name, value in (
+                    ("expression", request.expression),
+                    ("upper-face", request.upper_face),
+                    ("precision", request.precision),
+                )
+                if value not in ("neutral", "none", "fp32")
             ]
         expected_suffix = media.default_extension(request.codec)
         if request.output.suffix.lower() != expected_suffix:
