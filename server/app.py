@@ -15,6 +15,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -146,6 +149,18 @@ class Running:
         return elapsed / self.done * (self.total - self.done)
 
 
+@dataclass
+class PendingSubmit:
+    """A SUBMIT whose clip is being probed off the loop; ACCEPTED (or ERROR) goes out when the probe ends."""
+
+    identity: bytes
+    message: Message
+    job_id: str
+    job_dir: Path
+    spec: dict
+    probe: Future
+
+
 class Server:
     def __init__(self, config: ServerConfig, pool: WorkerPool | None = None):
         config.check()
@@ -167,6 +182,9 @@ class Server:
         self.subscribers: dict[str, set[bytes]] = {}
         self.queue: list[tuple[int, int, str]] = []
         self.running: dict[str, Running] = {}
+        # probing a clip reads its whole packet index (seconds for a feature-length file): never on the loop
+        self._probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retalk-probe")
+        self.pending: list[PendingSubmit] = []
         self.started = time.monotonic()
         self._last_beat = self._last_sweep = 0.0
         for record in self.journal.recover():
@@ -245,7 +263,14 @@ class Server:
                         self._on_client(frames)
                     except Exception:  # _on_client answers every request itself; this is the last guard
                         log.exception("internal error on a client message")
-            for phase in (self._drain_pumps, self._poll_workers, self._dispatch, self._housekeeping):
+            phases = (
+                self._drain_pumps,
+                self._finish_submits,
+                self._poll_workers,
+                self._dispatch,
+                self._housekeeping,
+            )
+            for phase in phases:
                 try:
                     phase()
                 except Exception:  # a fault in one turn is logged; the server stays up for the next
@@ -258,6 +283,9 @@ class Server:
     def close(self) -> None:
         for stream in self.streams.values():
             stream.stop()
+        self._probes.shutdown(wait=True, cancel_futures=True)
+        for pending in self.pending:  # never journaled: nothing refers to these folders
+            shutil.rmtree(pending.job_dir, ignore_errors=True)
         self.pool.close()
         if self.auth is not None:
             self.auth.stop()
@@ -290,28 +318,37 @@ class Server:
                 except zmq.ZMQError:
                     session.user = ""
         session.last_seen = time.monotonic()
-        req = 0
-        try:
+        message = None
+        with self._answering(session, 0):
             message = codec.decode(frames[1:])
-            req = message.req
+        if message is None:
+            return
+        with self._answering(session, message.req):
             handler = self._handlers.get(message.type)
             if handler is None:
                 raise ProtocolError("unknown-type", f"{message.type} is sent by servers, not clients (§4)")
             if not session.hello and message.type not in ("HELLO", "HEARTBEAT", "BYE"):
                 raise ProtocolError("hello-required", f"send HELLO before {message.type} (§4.1)")
             handler(session, message)
+
+    @contextmanager
+    def _answering(self, session: Session, req: int) -> Iterator[None]:
+        """Whatever goes wrong while answering request ``req`` becomes its ERROR reply; the server goes on."""
+        try:
+            yield
         except ProtocolError as err:
             log.info("%s: %s refused: %s", session.label(), err.code, err.message)
-            self._error(identity, err, req)
+            self._error(session.identity, err, req)
         except InputError as err:
-            self._error(identity, ProtocolError("invalid", str(err)), req)
+            self._error(session.identity, ProtocolError("invalid", str(err)), req)
         except MediaError as err:
-            self._error(identity, ProtocolError("media", str(err)), req)
+            self._error(session.identity, ProtocolError("media", str(err)), req)
         except RetalkError as err:
-            self._error(identity, ProtocolError("invalid", str(err)), req)
+            self._error(session.identity, ProtocolError("invalid", str(err)), req)
         except Exception:
             log.exception("%s: internal error on a request", session.label())
-            self._error(identity, ProtocolError("internal", "internal server error (logged); try again"), req)
+            error = ProtocolError("internal", "internal server error (logged); try again")
+            self._error(session.identity, error, req)
 
     def _reply(self, session: Session, message: Message, msg_type: str, **fields) -> None:
         self._send(session.identity, codec.encode(msg_type, message.req, **fields))
@@ -439,23 +476,48 @@ class Server:
         return options
 
     def _on_submit(self, session: Session, message: Message) -> None:
-        if sum(1 for _, _, job in self.queue if job not in self.running) >= self.config.max_queue:
+        waiting = sum(1 for _, _, job in self.queue if job not in self.running) + len(self.pending)
+        if waiting >= self.config.max_queue:
             raise ProtocolError("busy", "the job queue is full; try again later")
         job_id = secrets.token_hex(8)
         job_dir = self.state_dir / "jobs" / job_id
         job_dir.mkdir()
         try:
-            record = self._accept(session, message, job_id, job_dir)
+            spec = self._job_spec(session, message, job_dir)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        heapq.heappush(self.queue, (-record.priority, record.seq, job_id))
-        self.subscribers.setdefault(job_id, set()).add(session.identity)
-        position = sum(1 for _, _, job in self.queue if job != job_id and self._queued(job))
-        log.info("%s: SUBMIT accepted as job %s (clip %s)", session.label(), job_id, record.spec["video"])
-        self._reply(session, message, "ACCEPTED", job=job_id, position=position)
+        probe = self._probes.submit(media.probe, Path(spec["video"]))
+        self.pending.append(PendingSubmit(session.identity, message, job_id, job_dir, spec, probe))
 
-    def _accept(self, session: Session, message: Message, job_id: str, job_dir: Path) -> JobRecord:
+    def _finish_submits(self) -> None:
+        """Answer the SUBMITs whose probe has ended: journal the job and reply ACCEPTED, or reply ERROR."""
+        done, waiting = [], []
+        for pending in self.pending:  # one look at each probe: it may end meanwhile
+            (done if pending.probe.done() else waiting).append(pending)
+        self.pending = waiting
+        for pending in done:
+            session = self.sessions.get(pending.identity)
+            if session is None:  # the client left before ACCEPTED: no one knows of this job
+                shutil.rmtree(pending.job_dir, ignore_errors=True)
+                continue
+            with self._answering(session, pending.message.req):
+                try:
+                    record = self._admit(session, pending, pending.probe.result())
+                except BaseException:
+                    shutil.rmtree(pending.job_dir, ignore_errors=True)
+                    raise
+                job_id = record.id
+                heapq.heappush(self.queue, (-record.priority, record.seq, job_id))
+                self.subscribers.setdefault(job_id, set()).add(session.identity)
+                position = sum(1 for _, _, job in self.queue if job != job_id and self._queued(job))
+                log.info(
+                    "%s: SUBMIT accepted as job %s (clip %s)", session.label(), job_id, record.spec["video"]
+                )
+                self._reply(session, pending.message, "ACCEPTED", job=job_id, position=position)
+
+    def _job_spec(self, session: Session, message: Message, job_dir: Path) -> dict:
+        """The job a SUBMIT asks for, checked as far as it can be without reading the clip."""
         options = self._check_options(message.get("options", {}))
         codec_name = options.get("codec", "h264")
         if codec_name not in CODECS:
@@ -473,7 +535,12 @@ class Server:
             "options": options,
         }
         request_from_spec(spec).validate()
-        info = media.probe(video)
+        return spec
+
+    def _admit(self, session: Session, pending: PendingSubmit, info: media.VideoInfo) -> JobRecord:
+        """Check the range and rate against the probed clip, then journal the job (§8.1: committed before
+        ACCEPTED goes out)."""
+        message, spec = pending.message, pending.spec
         if message.get("rate") is not None and codec.from_rational(message["rate"]) != info.rate:
             raise ProtocolError(
                 "invalid",
@@ -485,8 +552,9 @@ class Server:
             raise ProtocolError(
                 "invalid", f"frames [{spec['start']}, {end}) are outside the clip's {info.frame_count} frames"
             )
-        # §8.1: journaled (committed) before ACCEPTED goes out.
-        return self.journal.add(job_id, spec, priority=message.get("priority", 0), client=session.label())
+        return self.journal.add(
+            pending.job_id, spec, priority=message.get("priority", 0), client=session.label()
+        )
 
     def _queued(self, job_id: str) -> bool:
         record = self.journal.get(job_id)

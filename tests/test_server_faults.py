@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import zmq
+from retalk_protocol import codec
 from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
-from server_support import GATE_ENV, GATED_RUNNER, ServerProcess, make_media, started_markers, wait_for
+from retalk_server import ServerConfig
+from server_support import (
+    GATE_ENV,
+    GATED_RUNNER,
+    IdlePool,
+    ServerProcess,
+    make_media,
+    server_in_thread,
+    started_markers,
+    wait_for,
+)
+
+from retalk import media
 
 LOSSLESS = {"codec": "lossless"}
 
@@ -161,3 +177,59 @@ def test_s4_3_higher_priority_runs_first_then_submission_order(harness):
         for job in (low, *high, running):
             client.cancel(job)
         assert client.wait(running, timeout=120)["state"] == "cancelled"
+
+
+@pytest.fixture
+def slow_probe_server(tmp_path, monkeypatch):
+    """An in-thread server whose clip probes wait at a gate: (server, clip, audio, probing, gate)."""
+    clip, audio = make_media(tmp_path / "media")
+    probing, gate = threading.Event(), threading.Event()
+    real_probe = media.probe
+
+    def slow_probe(path):
+        probing.set()
+        gate.wait(30)
+        return real_probe(path)
+
+    monkeypatch.setattr(media, "probe", slow_probe)
+    config = ServerConfig(
+        endpoint="tcp://127.0.0.1:0",
+        state_dir=tmp_path / "state",
+        media_roots=[tmp_path / "media"],
+        heartbeat=0.2,
+    )
+    with server_in_thread(config, IdlePool()) as server:
+        yield server, clip, audio, probing, gate
+        gate.set()
+
+
+def test_s4_3_a_slow_clip_probe_holds_up_no_other_client(slow_probe_server):
+    """Probing a feature-length clip takes seconds: it runs off the server's loop, so other clients are
+    answered meanwhile, and ACCEPTED follows when the probe ends."""
+    server, clip, audio, probing, gate = slow_probe_server
+    with Client(server.endpoint) as alice, Client(server.endpoint) as bob, ThreadPoolExecutor(1) as pool:
+        submitted = pool.submit(alice.submit, str(clip), str(audio))
+        assert probing.wait(10)
+        assert bob.status()["clients"] == 2  # answered while Alice's clip is still being probed
+        assert not submitted.done()
+        gate.set()
+        job = submitted.result(timeout=30)
+        assert server.journal.get(job).state == "queued"
+
+
+def test_s4_3_a_client_gone_before_accepted_leaves_no_job(slow_probe_server):
+    server, clip, audio, probing, gate = slow_probe_server
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.endpoint)
+    raw.send_multipart(codec.encode("HELLO", 1, versions=[1], client="leaves early"))
+    assert codec.decode(raw.recv_multipart()).type == "WELCOME"
+    media_ref = {"clip": {"path": str(clip)}, "audio": {"path": str(audio)}}
+    raw.send_multipart(codec.encode("SUBMIT", 2, **media_ref, audio_offset=[0, 1], engine="auto", options={}))
+    assert probing.wait(10)
+    raw.send_multipart(codec.encode("BYE", 3))
+    wait_for(lambda: not server.sessions, 10, "the server to drop the session")
+    gate.set()
+    wait_for(lambda: not server.pending, 10, "the probe to end")
+    raw.close()
+    assert server.journal.counts() == {} and not any((server.state_dir / "jobs").iterdir())
