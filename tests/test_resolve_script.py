@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from fractions import Fraction
@@ -161,6 +164,44 @@ def test_install_wires_the_script_to_this_installation_and_uninstall_removes_it(
     assert not installed.exists()
     assert retalk_main(["resolve", "uninstall", "--scripts-dir", str(tmp_path)]) == 0  # nothing left: says so
     assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_a_wheel_install_carries_the_script_it_installs(tmp_path):
+    """`retalk resolve install` from a wheel, away from this checkout, still finds the script it copies."""
+    source = tmp_path / "source"
+    shutil.copytree(
+        Path(__file__).resolve().parents[1],
+        source,
+        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests"),
+    )
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", str(source), "-w", str(tmp_path)], check=True)
+    (wheel,) = tmp_path.glob("retalk-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    shutil.rmtree(source)  # nothing of the checkout is left to fall back on
+    code = "import sys, retalk, retalk.cli; print(retalk.__file__); sys.exit(retalk.cli.main(sys.argv[1:]))"
+    scripts = tmp_path / "Scripts"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "resolve",
+            "install",
+            "--scripts-dir",
+            str(scripts),
+            "--server",
+            "tcp://127.0.0.1:9",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].startswith(str(tmp_path / "site"))  # the wheel's retalk ran
+    installed = (scripts / "Edit" / resolve_command.SCRIPT_NAME).read_text(encoding="utf-8")
+    assert "RETALK_SERVER = 'tcp://127.0.0.1:9'" in installed
 
 
 @pytest.mark.parametrize(

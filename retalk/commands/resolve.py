@@ -15,6 +15,7 @@ Module-level imports stay light: the CLI imports every command module at start-u
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 from retalk.errors import InputError, MediaError, RetalkError
 
 SCRIPT_NAME = "Re-dub with retalk.py"
-SCRIPT_TEMPLATE = Path(__file__).resolve().parents[2] / "plugins" / "davinci" / SCRIPT_NAME
+SCRIPT_TEMPLATE = Path(str(importlib.resources.files("retalk_davinci") / SCRIPT_NAME))  # plugins/davinci/
 DEFAULT_SERVER = "tcp://127.0.0.1:7878"
 # Resolve shows the clip rate rounded to 3 decimals (22.131 for 1350/61): anything further off is another rate.
 RATE_TOLERANCE = Fraction(1, 1000)
