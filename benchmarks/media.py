@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from retalk import media
+from retalk.shared import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # mediagen: the project's test-media factory
@@ -50,7 +51,7 @@ def _encode(frames: np.ndarray, rate: Fraction, codec: str, folder: Path) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "media")
+    parser.add_argument("--shared", type=Path, default=shared_dir() / "media")
     parser.add_argument("--frames-1080p", type=int, default=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

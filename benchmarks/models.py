@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from retalk import registry
+from retalk.commands.bench import default_reference_timing
 from retalk.selftest import default_checkpoints_dir
-
-TIMING = Path(__file__).resolve().parents[2] / "shared" / "reference" / "timing.json"
 
 
 def _build(files: tuple[str, ...], checkpoints: Path) -> torch.nn.Module:
@@ -79,7 +78,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    reference = json.loads(TIMING.read_text()) if TIMING.is_file() else {}
+    timing = default_reference_timing()
+    reference = json.loads(timing.read_text()) if timing.is_file() else {}
 
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), CPU, median of {args.repeat} after 1 warm-up"

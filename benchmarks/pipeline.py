@@ -22,9 +22,10 @@ import numpy as np
 from retalk import media
 from retalk.commands.bench import default_reference_timing, format_report, reference_costs, run_bench
 from retalk.pipeline.preview import render_frame
+from retalk.shared import shared_dir
 from retalk.tracking import track_faces
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "media"
+SHARED = shared_dir() / "media"
 
 
 def preview_speed(clip: Path, height: int, repeats: int = 30) -> float:

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from retalk.media import iter_frames
+from retalk.shared import shared_dir
 from retalk.tracking import DlibDetector, DlibLandmarks, track_faces
-
-SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--media", type=Path, default=SHARED_MEDIA)
+    parser.add_argument("--media", type=Path, default=shared_dir() / "media")
     args = parser.parse_args()
     landmarker = DlibLandmarks()
     settings = [("full-res (reference)", None, None), ("max side 640", 640, None)] + [

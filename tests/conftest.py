@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -16,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from retalk.shared import shared_dir
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RETALK_SHARED", REPO.parent / "shared"))
+SHARED = shared_dir()
 
 
 def _shared_path(*parts: str) -> Path:

@@ -18,12 +18,12 @@ from typing import NamedTuple
 import numpy as np
 import soundfile
 
-import retalk
 from retalk import media
 from retalk.errors import InputError
 from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline.request import CODECS, ENGINES
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
+from retalk.shared import shared_dir
 
 
 class NetworkCalls(NamedTuple):
@@ -57,7 +57,7 @@ NETWORK_CALLS: dict[str, NetworkCalls] = {
 
 def default_reference_timing() -> Path:
     """``../shared/reference/timing.json`` beside the repository."""
-    return Path(retalk.__file__).resolve().parents[1].parent / "shared" / "reference" / "timing.json"
+    return shared_dir() / "reference" / "timing.json"
 
 
 def _largest_input(shapes: dict) -> str:

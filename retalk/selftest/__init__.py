@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import pkgutil
 import traceback
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 from retalk.device import autocast
 from retalk.errors import InputError
 from retalk.registry import synth
+from retalk.shared import shared_dir
 
 # README "How to compare": rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
 REL_L2 = 1e-4
@@ -51,8 +51,7 @@ class SelftestRow:
 
 def default_golden_dir() -> Path:
     """``../shared/reference/golden`` beside the repository checkout (``$RETALK_SHARED`` overrides ../shared)."""
-    shared = Path(os.environ.get("RETALK_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
-    return shared / "reference" / "golden"
+    return shared_dir() / "reference" / "golden"
 
 
 def default_checkpoints_dir() -> Path:
