@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the adapters take models built elsewhere; torch is never im
     import torch
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
-TRACK_FORMAT = 1
+TRACK_FORMAT = 2
 
 
 class FaceDetector(Protocol):
@@ -314,23 +314,30 @@ class FaceTrack:
     """One person's face over N frames. Consumers must check ``found``: faceless frames carry values
     interpolated from their neighbours (held at the ends; zeros if no frame has a face), for smoothing only."""
 
-    boxes: np.ndarray  # (N, 4) float64 x1, y1, x2, y2
-    landmarks: np.ndarray  # (N, 68, 2) float64 image pixels, iBUG 68-point order
+    boxes: np.ndarray  # (N, 4) float64 x1, y1, x2, y2, smoothed
+    landmarks: np.ndarray  # (N, 68, 2) float64 image pixels, iBUG 68-point order, smoothed
     found: np.ndarray  # (N,) bool
+    raw_boxes: np.ndarray  # (N, 4) the detector's own boxes, unsmoothed (NaN where not found)
 
     def __len__(self) -> int:
         return len(self.found)
 
     def faceless_ranges(self) -> list[tuple[int, int]]:
-        """Half-open [a, b) runs of frames without the face."""
-        return list(_runs(~self.found))
+        return faceless_ranges(self.found)
 
     def save(self, path: str | Path) -> None:
         """Write an .npz (atomically: a temp file renamed onto ``path``)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, format=TRACK_FORMAT, boxes=self.boxes, landmarks=self.landmarks, found=self.found)
+            np.savez(
+                fh,
+                format=TRACK_FORMAT,
+                boxes=self.boxes,
+                landmarks=self.landmarks,
+                found=self.found,
+                raw_boxes=self.raw_boxes,
+            )
         os.replace(tmp, path)
 
     @classmethod
@@ -341,13 +348,22 @@ class FaceTrack:
                     raise InputError(
                         f"{path}: face track format {int(data['format'])}, expected {TRACK_FORMAT}"
                     )
-                track = cls(data["boxes"], data["landmarks"], data["found"].astype(bool))
+                track = cls(data["boxes"], data["landmarks"], data["found"].astype(bool), data["raw_boxes"])
         except (OSError, ValueError, KeyError) as err:
             raise InputError(f"{path}: not a face track file ({err}); delete it to recompute") from err
         n = len(track.found)
-        if track.boxes.shape != (n, 4) or track.landmarks.shape != (n, 68, 2):
+        if (
+            track.boxes.shape != (n, 4)
+            or track.raw_boxes.shape != (n, 4)
+            or track.landmarks.shape != (n, 68, 2)
+        ):
             raise InputError(f"{path}: inconsistent face track arrays; delete it to recompute")
         return track
+
+
+def faceless_ranges(found: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [a, b) runs of frames without the face."""
+    return list(_runs(~found))
 
 
 def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -442,7 +458,10 @@ def track_faces(
     found_arr = np.array(found, dtype=bool)
     boxes_arr = np.array(boxes, dtype=np.float64).reshape(-1, 4)
     landmarks_arr = np.array(landmarks, dtype=np.float64).reshape(-1, 68, 2)
+    smoothed_boxes, smoothed_landmarks = boxes_arr, landmarks_arr
     if smooth:
-        boxes_arr = _smooth_runs(boxes_arr, found_arr, smooth_window, smooth_order)
-        landmarks_arr = _smooth_runs(landmarks_arr, found_arr, smooth_window, smooth_order)
-    return FaceTrack(_fill_gaps(boxes_arr, found_arr), _fill_gaps(landmarks_arr, found_arr), found_arr)
+        smoothed_boxes = _smooth_runs(boxes_arr, found_arr, smooth_window, smooth_order)
+        smoothed_landmarks = _smooth_runs(landmarks_arr, found_arr, smooth_window, smooth_order)
+    return FaceTrack(
+        _fill_gaps(smoothed_boxes, found_arr), _fill_gaps(smoothed_landmarks, found_arr), found_arr, boxes_arr
+    )

@@ -73,6 +73,18 @@ def test_largest_is_chosen_once_and_then_followed():
     np.testing.assert_allclose(track.boxes, [shifted(RIGHT, dx=2 * i) for i in range(6)])
 
 
+def test_raw_boxes_are_the_detector_boxes_before_smoothing_and_gap_filling():
+    # Consumers that follow the reference's own box rule (pads, a 5-frame mean) start from these, not from the
+    # Savitzky-Golay-smoothed boxes.
+    wobble = [shifted(LEFT, dx=3.0 * (-1) ** i) for i in range(10)]
+    track = scripted([[b] for b in wobble[:8]] + [[]] + [[b] for b in wobble[9:]])
+    raw = np.array(wobble)
+    raw[8] = np.nan
+    np.testing.assert_array_equal(track.raw_boxes, raw)
+    assert not np.allclose(track.boxes[:8], raw[:8])  # the smoothed ones differ
+    assert np.isfinite(track.boxes).all()
+
+
 @pytest.mark.parametrize(("select", "expected"), [(0, LEFT), (1, RIGHT), ("1", RIGHT), ("0", LEFT)])
 def test_index_counts_faces_left_to_right(select, expected):
     track = scripted([[RIGHT, LEFT]] * 3, select=select, smooth=False)  # detector lists them right first
@@ -204,7 +216,7 @@ def test_save_and_load_round_trip(tmp_path: Path):
     track = scripted([[LEFT], [], [shifted(LEFT, dx=4)]])
     track.save(tmp_path / "track.npz")
     loaded = FaceTrack.load(tmp_path / "track.npz")
-    for name in ("boxes", "landmarks", "found"):
+    for name in ("boxes", "landmarks", "found", "raw_boxes"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(track, name))
     assert loaded.faceless_ranges() == [(1, 2)]
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

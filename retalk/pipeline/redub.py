@@ -25,7 +25,7 @@ from retalk.pipeline.preview import PreviewEngine
 from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
 from retalk.pipeline.timing import Timeline, fit_audio, plan_timeline, samples_for_frames
 from retalk.registry import missing_checkpoints
-from retalk.tracking import TRACK_FORMAT, FaceSelector, FaceTrack, track_faces
+from retalk.tracking import TRACK_FORMAT, FaceSelector, FaceTrack, faceless_ranges, track_faces
 
 ANALYSIS_RATE = 16000  # what engines hear (the reference's mel features are computed at 16 kHz)
 OUTPUT_AUDIO_RATE = 48000  # what the output file carries
@@ -330,9 +330,7 @@ def redub(
         rate=info.rate,
         duration=timeline.duration,
         engine=engine.name,
-        faceless_ranges=FaceTrack(
-            track.boxes[local], track.landmarks[local], track.found[local]
-        ).faceless_ranges(),
+        faceless_ranges=faceless_ranges(track.found[local]),
         warnings=warnings,
         stage_seconds=stages.seconds,
         cache_hits=cache_hits,
