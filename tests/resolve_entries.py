@@ -65,8 +65,8 @@ class LuaEntry:
         self.printed: list[str] = []
         self.runtime.globals().print = lambda *words: self.printed.append(" ".join(map(str, words)))
         self.views: dict[int, LuaView] = {}
-        source = path.read_text(encoding="utf-8")
-        self.module = self.runtime.execute(source, "retalk-module")
+        self.path = path
+        self.module = self.runtime.execute(path.read_text(encoding="utf-8"), "retalk-module")
 
     @staticmethod
     def runtime_for_tests() -> luajit.LuaRuntime:
@@ -116,3 +116,10 @@ class LuaEntry:
     def read_shot(self, resolve) -> dict:
         _, request = self.module.read_shot(self.wrap(resolve))
         return self.to_python(request)
+
+    def run_as_script(self, resolve) -> list[str]:
+        """The file run whole, as the menu (or `dofile` in Resolve's Lua console) runs it, with `resolve` given."""
+        self.printed.clear()
+        self.runtime.globals().resolve = self.wrap(resolve)
+        self.runtime.globals().dofile(str(self.path))
+        return "\n".join(self.printed).splitlines()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mediagen import write_tone
+from resolve_support import shot_facts
 
 from retalk.errors import InputError, RetalkError
 from retalk.resolve_bridge import (
@@ -40,23 +41,6 @@ def own_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-
-
-def shot_facts(clip_file: Path, **changes) -> dict:
-    """What an entry reads for a clip at record 10 playing source frames 3..8 of ``clip_file`` (§3.1)."""
-    facts = {
-        "clip": "shot.mp4",
-        "path": str(clip_file),
-        "fps": "25",
-        "timeline_fps": "25",
-        "record_start": 10,
-        "record_duration": 6,
-        "source_start": 3,
-        "source_end": 9,
-        "left_offset": 3,
-        "takes": 0,
-    }
-    return {key: value for key, value in dict(facts, **changes).items() if value is not ...}
 
 
 @pytest.fixture

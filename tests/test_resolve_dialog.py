@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mediagen import write_face_clip, write_tone
+from resolve_support import SHOT, gated_rig, shot_facts
 from retalk_protocol.client import Client
-from server_support import GATE_ENV, GATED_RUNNER, ServerProcess
 
 from retalk import media
 from retalk.resolve_bridge import Events, Settings, redub, report
@@ -61,69 +60,33 @@ def display():
 
 
 @pytest.fixture(scope="module")
-def media_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dialog-media")
-    write_face_clip(root / "shot.mp4", n_frames=12, size=(160, 160), with_audio=False)
-    write_tone(root / "line.wav", 0.3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def gate(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dialog-gate")
-    (folder / "open").touch()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, media_root, gate):
-    process = ServerProcess(
-        tmp_path_factory.mktemp("dialog-state") / "state",
-        media_root,
-        "--workers",
-        "1",
-        "--runner",
-        GATED_RUNNER,
-        env={GATE_ENV: str(gate)},
-    )
-    yield process
-    process.stop()
+def rig(tmp_path_factory):
+    with gated_rig(tmp_path_factory) as rig:
+        yield rig
 
 
 @pytest.fixture
-def settings(tmp_path, monkeypatch, display, server):
+def settings(tmp_path, monkeypatch, display, rig):
     monkeypatch.setenv("DISPLAY", display)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    Settings(server=server.endpoint).save()
+    Settings(server=rig.server.endpoint).save()
     return Settings.load()
 
 
 def redub_request(media_root: Path, with_audio_clip: bool) -> dict:
-    """What an entry sends for a clip at record 10 playing source frames 3..8 (§3.1)."""
+    """What an entry sends for the test shot (§3.1), with the new line on A1 under it or no audio at all."""
     folder = Path(media_root) / f"scene-{time.monotonic_ns()}"  # each test's results in a folder of its own
     folder.mkdir()
-    clip = shutil.copy(media_root / "shot.mp4", folder)
-    shot = {
-        "clip": "shot.mp4",
-        "path": str(clip),
-        "fps": "25",
-        "timeline_fps": "25",
-        "record_start": 10,
-        "record_duration": 6,
-        "source_start": 3,
-        "source_end": 9,
-        "left_offset": 3,
-        "takes": 0,
-    }
-    audio = {
+    shot = shot_facts(shutil.copy(media_root / "shot.mp4", folder))
+    line = {
         "track": 1,
         "track_name": "A1",
         "clip": "line.wav",
         "path": str(media_root / "line.wav"),
         "fps": "25",
     }
-    audio.update(record_start=10, source_start=0, left_offset=0)
-    return {"bridge": 1, "kind": "redub", "shot": shot, "audio": [audio] if with_audio_clip else []}
+    line.update(record_start=SHOT["record"], source_start=0, left_offset=0)
+    return {"bridge": 1, "kind": "redub", "shot": shot, "audio": [line] if with_audio_clip else []}
 
 
 class Editor:
@@ -200,8 +163,8 @@ def status_starts(prefix: str):
     return lambda editor: editor.text(".progress.status").startswith(prefix)
 
 
-def test_choose_a_file_start_and_the_result_comes_back(media_root, settings):
-    line = str(media_root / "line.wav")
+def test_choose_a_file_start_and_the_result_comes_back(rig, settings):
+    line = str(rig.media_root / "line.wav")
     steps = [
         (".choose.browse", Editor.click),  # Tk's file chooser opens over the window
         (f"{FILE_DIALOG}.ent", lambda editor, path: editor.type(path, line)),
@@ -210,7 +173,7 @@ def test_choose_a_file_start_and_the_result_comes_back(media_root, settings):
         (".choose.codec", lambda editor, path: editor.pick(path, "h264")),
         (".choose.buttons.redub", Editor.click),
     ]
-    code, events, editor = run_dialog(redub_request(media_root, with_audio_clip=False), settings, steps)
+    code, events, editor = run_dialog(redub_request(rig.media_root, with_audio_clip=False), settings, steps)
     assert code == 0
     done = events[-1]
     assert done["event"] == "done" and done["frames"] == 6, events
@@ -221,17 +184,19 @@ def test_choose_a_file_start_and_the_result_comes_back(media_root, settings):
     assert (remembered["engine"], remembered["codec"]) == ("preview", "h264")
 
 
-def test_cancel_during_the_job_stops_it_and_nothing_comes_back(media_root, settings, server, gate):
+def test_cancel_during_the_job_stops_it_and_nothing_comes_back(rig, settings):
     steps = [
         (".choose.engine", lambda editor, path: editor.pick(path, "preview")),
         (".choose.buttons.redub", Editor.click),  # the audio clip under the shot is chosen already
         (".progress.cancel", Editor.click, status_starts("Re-dubbing: gate")),
     ]
-    (gate / "open").unlink()  # the job waits at the gate until cancelled
+    (rig.gate / "open").unlink()  # the job waits at the gate until cancelled
     try:
-        code, events, editor = run_dialog(redub_request(media_root, with_audio_clip=True), settings, steps)
+        code, events, editor = run_dialog(
+            redub_request(rig.media_root, with_audio_clip=True), settings, steps
+        )
     finally:
-        (gate / "open").touch()
+        (rig.gate / "open").touch()
     assert code == 0
     assert events[-1] == {"event": "cancelled", "message": "Re-dub cancelled; nothing was added"}
     assert "Cancelling..." in editor.statuses
@@ -241,7 +206,7 @@ def test_cancel_during_the_job_stops_it_and_nothing_comes_back(media_root, setti
         assert client.watch(job)["state"] == "cancelled"
 
 
-def test_a_failure_is_shown_in_the_window_until_ok(media_root, settings):
+def test_a_failure_is_shown_in_the_window_until_ok(rig, settings):
     settings.server, settings.connect_timeout = (
         "tcp://127.0.0.1:9",
         1.0,
@@ -252,29 +217,29 @@ def test_a_failure_is_shown_in_the_window_until_ok(media_root, settings):
         (".message.text", Editor.read),
         (".message.ok", Editor.click),
     ]
-    code, events, editor = run_dialog(redub_request(media_root, with_audio_clip=True), settings, steps)
+    code, events, editor = run_dialog(redub_request(rig.media_root, with_audio_clip=True), settings, steps)
     expected = "cannot reach the retalk server at tcp://127.0.0.1:9; start it with `retalk serve`"
     assert code == 1 and events[-1] == {"event": "error", "message": expected}
     assert editor.texts[".message.text"] == expected
 
 
-def test_re_dub_without_audio_asks_for_it_and_cancel_closes(media_root, settings):
+def test_re_dub_without_audio_asks_for_it_and_cancel_closes(rig, settings):
     steps = [
         (".choose.buttons.redub", Editor.click),  # no clip under the shot, no file: the window says so
         (".choose.problem", Editor.read, lambda editor: editor.text(".choose.problem") != ""),
         (".choose.buttons.cancel", Editor.click),
     ]
-    code, events, editor = run_dialog(redub_request(media_root, with_audio_clip=False), settings, steps)
+    code, events, editor = run_dialog(redub_request(rig.media_root, with_audio_clip=False), settings, steps)
     assert code == 0 and events == [{"event": "closed"}]
     assert editor.texts[".choose.problem"] == "Choose the replacement audio: a clip under the shot, or a file"
 
 
-def test_closing_the_window_closes_the_dialog(media_root, settings):
+def test_closing_the_window_closes_the_dialog(rig, settings):
     def close_window(editor, path):
         editor.root.tk.call(editor.root.protocol("WM_DELETE_WINDOW"))  # what the window manager's close does
 
     steps = [(".choose", close_window)]
-    code, events, _ = run_dialog(redub_request(media_root, with_audio_clip=True), settings, steps)
+    code, events, _ = run_dialog(redub_request(rig.media_root, with_audio_clip=True), settings, steps)
     assert code == 0 and events == [{"event": "closed"}]
 
 

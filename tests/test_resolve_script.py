@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import resolve_fake
-from mediagen import write_face_clip, write_tone
 from resolve_entries import LuaEntry, PythonEntry
+from resolve_support import CLIP_FRAMES, SHOT, gated_rig
 from retalk_protocol.client import Client
-from server_support import GATE_ENV, GATED_RUNNER, ServerProcess, started_markers, wait_for
+from server_support import ServerProcess, started_markers, wait_for
 
 from retalk import media, resolve_bridge
 from retalk.cli import main as retalk_main
@@ -40,43 +40,29 @@ pytestmark = pytest.mark.resolve
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "davinci"
 README_API = PLUGIN / "resolve_api.txt"
 ENTRY_CLASSES = {"python": PythonEntry, "lua": LuaEntry}
-CLIP_FRAMES = 40  # the face drifts monotonically over frames 0..10, so each frame there is unique
-SHOT = {"record": 10, "duration": 6, "source_start": 3}  # the timeline item plays source frames 3..8
 TEST_OPTIONS = {"engine": "preview", "expression": "neutral", "face": "largest", "codec": "h264"}
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def media_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resolve-media")
-    write_face_clip(root / "shot.mp4", n_frames=CLIP_FRAMES, size=(160, 160), with_audio=False)
-    write_tone(root / "line.wav", 2.0)
-    write_tone(root / "silence.wav", 2.0, silent=True)
-    (root / "broken.mp4").write_bytes(b"not a video at all" * 100)
-    return root
+def rig(tmp_path_factory):
+    with gated_rig(tmp_path_factory) as rig:
+        yield rig
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory):
-    """The server's workers hold each job here until the file `open` exists (open unless a test closes it)."""
-    folder = tmp_path_factory.mktemp("gate")
-    (folder / "open").touch()
-    return folder
+def media_root(rig):
+    return rig.media_root
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, media_root, gate):
-    process = ServerProcess(
-        tmp_path_factory.mktemp("resolve-state") / "state",
-        media_root,
-        "--workers",
-        "1",
-        "--runner",
-        GATED_RUNNER,
-        env={GATE_ENV: str(gate)},
-    )
-    yield process
-    process.stop()
+def gate(rig):
+    return rig.gate
+
+
+@pytest.fixture(scope="module")
+def server(rig):
+    return rig.server
 
 
 @pytest.fixture(autouse=True)
@@ -171,6 +157,7 @@ def test_install_wires_each_entry_to_this_installation_and_uninstall_removes_the
     settings = resolve_bridge.Settings.load()
     assert (settings.server, settings.keys) == ("tcp://127.0.0.1:9999", None)
     assert f"settings: {resolve_bridge.settings_path()}" in out
+    assert f"dofile([[{edit / resolve_command.PAIR_NAMES['lua']}]])" in out  # the Lua console's way in
 
     assert retalk_main(["resolve", "uninstall", "--scripts-dir", str(tmp_path)]) == 0
     assert list(edit.iterdir()) == []
@@ -304,6 +291,16 @@ def test_an_entry_not_installed_by_retalk_says_how_to_wire_it(media_root, langua
     resolve, _, _ = scene(21, media_root)
     assert template.main(resolve) == [
         "retalk: retalk is not wired to this script: run `retalk resolve install` in retalk's environment"
+    ]
+
+
+def test_the_lua_entry_run_whole_uses_the_resolve_it_is_given(media_root, server, tmp_path):
+    """As the menu runs it, or `dofile` in Resolve's Lua console: no module argument, `resolve` a global."""
+    entry = installed_entry("lua", server.endpoint, tmp_path)
+    resolve, _, _ = scene(21, media_root, selected=False)
+    resolve.timeline.playhead = 500
+    assert entry.run_as_script(resolve) == [
+        "retalk: No clip to re-dub: select a video clip on the Edit page, or park the playhead on one"
     ]
 
 

@@ -484,6 +484,9 @@ local function run_bridge(request)
     if not RETALK_PYTHON or not file_exists(RETALK_PYTHON) then
         return { event = "error", message = NOT_WIRED }
     end
+    if not io.popen then
+        return { event = "error", message = "this Resolve's Lua cannot start programs (no io.popen): use the Python entry" }
+    end
     local request_path, log_path = temporary_path(), temporary_path()
     local out = io.open(request_path, "wb")
     if not out then

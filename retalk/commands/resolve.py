@@ -201,9 +201,15 @@ def run_install(args: argparse.Namespace) -> int:
         raise RetalkError(f"cannot write retalk's Resolve settings: {err}") from None
     curve = f"; CURVE with {keys['client']} and the server's {keys['server']}" if keys else ""
     print(f"settings: {path} (server {args.server}{curve})")
+    print("in Resolve: Workspace > Scripts > Edit > Re-dub with retalk (restart Resolve if it is not listed)")
     if "python" in languages:
         print("the Python entry lists only where Resolve finds a system Python 3 (see the README)")
-    print("in Resolve: Workspace > Scripts > Edit > Re-dub with retalk (restart Resolve if it is not listed)")
+    if (
+        "lua" in languages
+    ):  # reported on free 21.1: menu scripts listed but not run; the Lua console runs them
+        print(
+            f"if the entry does nothing when chosen, run it from Workspace > Console (Lua): dofile([[{folder / names['lua']}]])"
+        )
     return 0
 
 
