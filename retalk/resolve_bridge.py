@@ -25,6 +25,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
+from retalk_protocol.options import ENGINE, JOB_OPTIONS
+
 from retalk.errors import InputError, MediaError, RetalkError
 
 FORMAT_VERSION = 1  # the "bridge" field of a request (§2.2)
@@ -46,19 +48,28 @@ NTSC_RATES = {
 # -- the options the dialog offers ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DialogOption:
-    name: str  # the SUBMIT option (PROTOCOL.md §4.3), or "engine"
+    name: str  # the SUBMIT option (PROTOCOL.md §4.3.1), or "engine"
     label: str
     choices: tuple[str, ...] | None  # None: free text
     default: str
 
 
-# The one place the bridge's job options are listed (to be built from the protocol package's options table).
+def _offered(option, choices: tuple[str, ...] | None = None, default: str | None = None) -> DialogOption:
+    """A row of the job options table (retalk_protocol.options) as the dialog offers it."""
+    return DialogOption(
+        option.name,
+        option.name.replace("_", " ").capitalize(),
+        choices if choices is not None else option.choices or None,
+        option.default if default is None else default,
+    )
+
+
+RESOLVE_CODECS = ("prores", "h264", "prores4444")  # what Resolve imports on every OS; the server writes more
 DIALOG_OPTIONS = (
-    DialogOption("engine", "Engine", ("auto", "preview", "neural"), "auto"),
-    DialogOption("expression", "Expression", ("neutral", "smile"), "neutral"),
-    DialogOption("face", "Face", None, "largest"),
-    # the codecs Resolve imports on every OS; the server also writes others
-    DialogOption("codec", "Codec", ("prores", "h264", "prores4444"), "prores"),
+    _offered(ENGINE),
+    _offered(JOB_OPTIONS["expression"]),  # its named choices: an image path is for the command line
+    _offered(JOB_OPTIONS["face"]),
+    _offered(JOB_OPTIONS["codec"], choices=RESOLVE_CODECS, default="prores"),
 )
 FIXED_OPTIONS = {"fit": "video"}  # a take must be exactly as long as the shot
 
@@ -329,42 +340,6 @@ def connect(settings: Settings):
     return client
 
 
-def submit_or_upload(client, clip: str, audio: str, **job) -> str:
-    """SUBMIT naming the files; where the server cannot read them (another machine), upload them first.
-
-    (retalk_protocol's Client.submit_or_upload replaces this.)"""
-    from retalk_protocol.codec import ProtocolError
-
-    try:
-        return client.submit(clip, audio, **job)
-    except ProtocolError as err:
-        if err.code not in ("forbidden", "not-found"):
-            raise
-    return client.submit({"upload": client.upload(clip)}, {"upload": client.upload(audio)}, **job)
-
-
-REWATCH_SECONDS = 3.0  # a quiet server: ask for the job's state again (also re-subscribes after a restart)
-
-
-def follow_job(client, job: str, cancel: threading.Event, on_progress: Callable[[dict], None]) -> dict:
-    """Until the job ends: each new state to ``on_progress``, one CANCEL once ``cancel`` is set; returns the
-    final PROGRESS fields. (retalk_protocol's Client.follow replaces this.)"""
-    from retalk_protocol import codec
-
-    current, cancel_sent, last_event = client.watch(job).fields, False, time.monotonic()
-    while current["state"] not in codec.FINAL_STATES:
-        on_progress(current)
-        if cancel.is_set() and not cancel_sent:
-            client.cancel(job)
-            cancel_sent = True
-        event = client.next_event(timeout=0.2)
-        if event is not None and event["job"] == job:
-            current, last_event = event.fields, time.monotonic()
-        elif time.monotonic() - last_event > REWATCH_SECONDS:
-            current, last_event = client.watch(job).fields, time.monotonic()
-    return current
-
-
 def result_path(stem: str, codec: str) -> Path:
     """``stem`` + the codec's extension, numbered further if a file of that name exists."""
     from retalk import media
@@ -380,7 +355,7 @@ def run_job(
     settings: Settings,
     shot: Shot,
     choice: Choice,
-    cancel: threading.Event,
+    should_cancel: Callable[[], bool],
     on_progress: Callable[[dict], None],
     on_accepted: Callable[[str], None],
 ) -> dict:
@@ -393,8 +368,7 @@ def run_job(
     client = connect(settings)
     try:
         options = dict(choice.options)
-        job = submit_or_upload(
-            client,
+        job = client.submit_or_upload(
             shot.path,
             audio,
             start=shot.start,
@@ -405,7 +379,7 @@ def run_job(
             options=dict(options, **FIXED_OPTIONS),
         )
         on_accepted(job)
-        final = follow_job(client, job, cancel, on_progress)
+        final = client.follow(job, cancel=should_cancel, on_progress=on_progress)
         if final["state"] == "cancelled":
             return {"event": "cancelled", "message": CANCELLED_TEXT}
         if final["state"] != "done":
@@ -510,13 +484,16 @@ def redub(request: dict, settings: Settings, dialog, events: Events, cancel: thr
                 if not shown or shown[-1] != text:
                     shown.append(text)
                     events.emit("status", text=text)
-                events.keep_alive()
                 show_progress(fields)
+
+            def should_cancel() -> bool:  # asked every moment of the job: the keep-alive rides on it
+                events.keep_alive()
+                return cancel.is_set()
 
             def on_accepted(job: str) -> None:
                 on_progress({"state": "accepted", "job": job, "server": settings.server})
 
-            return run_job(settings, shot, choice, cancel, on_progress, on_accepted)
+            return run_job(settings, shot, choice, should_cancel, on_progress, on_accepted)
 
         final = dialog.follow(work, cancel)
     except RetalkError as err:
