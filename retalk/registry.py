@@ -377,7 +377,7 @@ def _few(items: Sequence[str]) -> str:
 
 
 def _verify_torch(path: Path, spec: CheckpointSpec) -> VerifyResult:
-    import torch  # lazily: the preview path never needs torch
+    from retalk.models.checkpoint import load_torch_file  # lazily: the preview path never needs torch
 
     def result(status: str, message: str) -> VerifyResult:
         return VerifyResult(spec.name, status, path, f"{spec.name}: {message}")
@@ -386,13 +386,10 @@ def _verify_torch(path: Path, spec: CheckpointSpec) -> VerifyResult:
         return result(
             "truncated", f"{path} is truncated ({path.stat().st_size} bytes); {_refetch(spec.name)}"
         )
-    try:  # mmap: only the pickled key/shape metadata is read, not the 1.5 GB of tensors
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # torch raises many types for a bad file; all mean the same to the user
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return result(
-            "corrupt", f"{path} is not a readable PyTorch checkpoint ({detail[:120]}); {_refetch(spec.name)}"
-        )
+    try:  # memory-mapped: only the pickled key/shape metadata is read, not the 1.5 GB of tensors
+        obj = load_torch_file(path, name=spec.name)
+    except CheckpointError as err:  # damaged, or naming code no checkpoint needs
+        return VerifyResult(spec.name, "corrupt", path, str(err))
     missing, wrong, unexpected = _match(obj, spec)
     container = spec.container
     assert container is not None
