@@ -84,6 +84,13 @@ class CheckpointSpec:
     size: int | None = None
     sha256: str | None = None
     archive_member: str | None = None  # the file is this member of the downloaded zip
+    fetched_by_default: bool = (
+        False  # optional, yet a plain `retalk models fetch` gets it (used when present)
+    )
+
+    @property
+    def default_download(self) -> bool:
+        return self.required or self.fetched_by_default
 
     @property
     def container(self) -> Container | None:
@@ -187,19 +194,21 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "s3fd-619a316812.pth",
             FACE_ALIGNMENT + "s3fd-619a316812.pth",
             "retalk.models.s3fd:load_s3fd",
-            False,  # as RetinaFace: an alternative detector, not needed by the neural engine
+            False,  # without it the neural engine tracks with dlib (retalk.tracking)
             "torch",
             "90 MB",
-            "S3FD face detector (face-alignment)",
+            "S3FD face detector: the neural engine's face boxes (else dlib's)",
+            fetched_by_default=True,  # the reference's detector, as the reference downloads it
         ),
         CheckpointSpec(
             "2DFAN4-cd938726ad.zip",
             FACE_ALIGNMENT + "2DFAN4-cd938726ad.zip",
             "retalk.models.fan:load_fan",
-            False,  # the track's dlib landmarks serve every stage
+            False,  # as S3FD
             "torchscript",
             "96 MB",
-            "FAN 68-point landmarks (face-alignment, TorchScript)",
+            "FAN 68-point landmarks (face-alignment, TorchScript): the neural engine's (else dlib's)",
+            fetched_by_default=True,
         ),
         CheckpointSpec(
             "expression.mat",
@@ -596,14 +605,17 @@ def fetch(
     progress: bool = True,
     timeout: float = 60.0,
 ) -> list[Path]:
-    """Download official files (default: the required ones) into ``dest`` (default: first search folder).
+    """Download official files (default: the required ones and the reference's face detector and landmark
+    network, which the neural engine uses when present) into ``dest`` (default: the first search folder).
 
     Files already present are kept. Each download goes to ``<file>.part`` (resumed if a previous run was
     cut short), is checked against the known size/sha256, and is renamed into place only when complete.
     """
     dest = Path(dest).expanduser() if dest is not None else search_dirs()[0]
     specs = (
-        [get_spec(n) for n in names] if names is not None else [s for s in CHECKPOINTS.values() if s.required]
+        [get_spec(n) for n in names]
+        if names is not None
+        else [s for s in CHECKPOINTS.values() if s.default_download]
     )
     paths = []
     for spec in specs:
