@@ -79,7 +79,7 @@ class CheckpointSpec:
     loader: str  # "module:function", resolved lazily
     required: bool  # needed by the neural engine by default
     kind: str  # "torch" | "mat" | "torchscript" | "dlib"
-    about: str  # approximate size for `retalk models list` (PIPELINE.md §15), not a check
+    about: str  # approximate size for `retalk models list`, not a check
     purpose: str
     size: int | None = None
     sha256: str | None = None
@@ -294,6 +294,12 @@ def find_checkpoint(name: str, checkpoints_dir: str | Path | None = None) -> Pat
         f"{spec.name} not found in {', '.join(map(str, dirs))}; run `retalk models fetch {spec.name}` "
         f"or pass --checkpoints DIR (or set {ENV_VAR})"
     )
+
+
+def file_identity(path: str | Path) -> str:
+    """Name, size and modification time of a file: what a cache key needs to notice a replaced checkpoint."""
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def missing_checkpoints(checkpoints_dir: str | Path | None = None, *, upper_face: bool = False) -> list[str]:

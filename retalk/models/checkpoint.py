@@ -12,7 +12,7 @@ import functools
 import pickle
 import types
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from retalk.errors import CheckpointError
+from retalk.registry import file_identity
 
 # Modules no checkpoint needs anything from: a file that names one is refused outright (everything else
 # unknown is already made inert by the restricted reader; this only says clearly that the file was tampered with).
@@ -163,6 +164,21 @@ def read_checkpoint(
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{name}: {path} does not hold {wanted} of tensors; is it the right file?")
     return dict(obj)
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded(
+    loader: Callable[..., torch.nn.Module], path: Path, identity: str, device: str
+) -> torch.nn.Module:
+    return loader(path, device=device)
+
+
+def load_once(
+    loader: Callable[..., torch.nn.Module], path: str | Path, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """``loader(path, device=device)``, once per process (a render server keeps the network warm); a replaced
+    file (:func:`file_identity`) is loaded afresh."""
+    return _loaded(loader, Path(path), file_identity(path), str(device))
 
 
 @dataclass
