@@ -715,6 +715,14 @@ def _synth_state(dest: Path, spec: CheckpointSpec, stamps: Mapping[str, Mapping[
     return "current" if stamp.get("fill") == _fill_id(spec) else "stale"
 
 
+def is_synthetic(path: str | Path, name: str) -> bool:
+    """Whether the file ``path`` of the official ``name`` is a stand-in written by :func:`synth` (its weights
+    follow the deterministic rule: networks run, but a detector finds no real faces)."""
+    spec, path = get_spec(name), Path(path)
+    dest = path.parents[len(Path(spec.name).parts) - 1]
+    return _synth_state(dest, spec, _read_stamps(dest)) in ("current", "stale")
+
+
 def _write_torch(spec: CheckpointSpec, tmp: Path) -> None:
     import torch  # lazily: the preview path never needs torch
 

@@ -254,3 +254,11 @@ def test_training_state_beside_the_weights_verifies_ok(tmp_path, reference_shape
     torch.save(content, tmp_path / name)
     result = registry.verify_file(tmp_path / name, name)
     assert result.status == "ok", result.message
+
+
+def test_synthetic_stand_ins_are_told_from_other_files(synth_dir, tmp_path):
+    name = "s3fd-619a316812.pth"
+    assert registry.is_synthetic(synth_dir / name, name)
+    shutil.copy(synth_dir / name, tmp_path / name)  # the same bytes, not written by synth here
+    assert not registry.is_synthetic(tmp_path / name, name)
+    assert registry.is_synthetic(synth_dir / "BFM" / "similarity_Lm3D_all.mat", "BFM/similarity_Lm3D_all.mat")

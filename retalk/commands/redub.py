@@ -10,7 +10,7 @@ from pathlib import Path
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline import RedubRequest, redub
-from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
+from retalk.pipeline.request import CODECS, DETECTORS, ENGINES, UPPER_FACE
 from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 from retalk.progress import JsonLines, StageBars
 
@@ -31,6 +31,12 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--face", default="largest", help="largest | INDEX (left to right) | X,Y (a point on it)"
+    )
+    parser.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="auto",
+        help="who finds the face: reference = S3FD and FAN (auto: for the neural engine when present), or dlib",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
@@ -70,6 +76,7 @@ def request_from_args(args: argparse.Namespace, **inputs) -> RedubRequest:
         fit=args.fit,
         extend=args.extend,
         face=args.face,
+        detector=args.detector,
         device=args.device,
         precision=args.precision,
         codec=args.codec,

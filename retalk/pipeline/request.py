@@ -15,6 +15,8 @@ from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 ENGINES = ("auto", "neural", "preview")
 UPPER_FACE = ("none", "sad", "angry", "surprise")
 EXPRESSIONS = ("neutral", "smile")
+# who finds the face; auto: the reference's S3FD and FAN for the neural engine when present, else dlib
+DETECTORS = ("auto", "reference", "dlib")
 CODECS = tuple(media.CODECS)  # h264 | prores | prores4444 | lossless
 
 
@@ -33,6 +35,7 @@ class RedubRequest:
     fit: str = "video"  # video: exactly the video range; audio: follow the audio, extending the video
     extend: str = "loop"  # loop | pingpong | hold (fit=audio with a longer audio)
     face: str = "largest"  # largest | INDEX | X,Y
+    detector: str = "auto"  # auto | reference (S3FD boxes, FAN points) | dlib: who finds the face (DETECTORS)
     device: str = "auto"
     precision: str = (
         "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (retalk.device.autocast)
@@ -61,6 +64,7 @@ class RedubRequest:
         choice("fit", self.fit, FIT_MODES)
         choice("extend", self.extend, EXTEND_MODES)
         choice("codec", self.codec, CODECS)
+        choice("detector", self.detector, DETECTORS)
         choice("precision", self.precision, PRECISIONS)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
