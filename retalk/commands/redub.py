@@ -36,7 +36,7 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
         "--detector",
         choices=DETECTORS,
         default="auto",
-        help="who finds the face: reference = S3FD and FAN (auto: for the neural engine when present), or dlib",
+        help="the neural engine's face detector: reference = S3FD and FAN (auto: when present), or dlib",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(

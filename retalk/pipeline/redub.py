@@ -187,16 +187,18 @@ def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
 
 
 def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
-    """The tracker for ``request.detector`` and the engine that renders, with the warnings of the choice.
+    """The tracker for the engine that renders and ``request.detector``, with the warnings of the choice.
 
-    The neural engine tracks every frame with the reference's own networks (S3FD boxes, FAN points) where their
-    files are present (``auto``, which passes over the stand-ins `retalk models synth` writes: they find no real
-    face; ``reference`` requires the files), else with dlib; the preview engine, unless asked for ``reference``,
-    follows the face with dlib's landmarks between key frames (its speed)."""
+    The preview engine follows the face with dlib's landmarks between key frames (its speed; it ignores
+    ``detector``). The neural engine tracks every frame: with the reference's own networks (S3FD boxes, FAN points)
+    where their files are present (``auto``, which passes over the stand-ins `retalk models synth` writes, as they
+    find no real face; ``reference`` requires the files), else with dlib."""
+    if engine == "preview":
+        return Tracker(), []
+    if request.detector == "dlib":
+        return Tracker(key_interval=None), []
     if request.detector == "reference":
         return reference_tracker(request.checkpoints, request.device), []
-    if request.detector == "dlib" or engine == "preview":
-        return (Tracker() if engine == "preview" else Tracker(key_interval=None)), []
     try:
         tracker = reference_tracker(request.checkpoints, request.device)
     except CheckpointError:

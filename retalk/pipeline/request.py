@@ -15,7 +15,7 @@ from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 ENGINES = ("auto", "neural", "preview")
 UPPER_FACE = ("none", "sad", "angry", "surprise")
 EXPRESSIONS = ("neutral", "smile")
-# who finds the face; auto: the reference's S3FD and FAN for the neural engine when present, else dlib
+# the neural engine's face detector; auto: the reference's S3FD and FAN when present, else dlib
 DETECTORS = ("auto", "reference", "dlib")
 CODECS = tuple(media.CODECS)  # h264 | prores | prores4444 | lossless
 
@@ -35,7 +35,9 @@ class RedubRequest:
     fit: str = "video"  # video: exactly the video range; audio: follow the audio, extending the video
     extend: str = "loop"  # loop | pingpong | hold (fit=audio with a longer audio)
     face: str = "largest"  # largest | INDEX | X,Y
-    detector: str = "auto"  # auto | reference (S3FD boxes, FAN points) | dlib: who finds the face (DETECTORS)
+    detector: str = (
+        "auto"  # auto | reference (S3FD boxes, FAN points) | dlib: the neural engine's (DETECTORS)
+    )
     device: str = "auto"
     precision: str = (
         "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (retalk.device.autocast)
