@@ -12,7 +12,7 @@ import pytest
 
 import retalk.selftest as selftest
 from retalk.cli import main
-from retalk.selftest import COMPACT_GOLDEN, compare, load_golden, run_selftest
+from retalk.selftest import COMPACT_GOLDEN, compact_slices, compare, load_golden, run_selftest
 from retalk.selftest.cases import CASES, Case
 
 
@@ -189,9 +189,7 @@ def test_compact_set_is_cut_from_the_reference_golden_files(golden_dir, name):
     is_network = provenance["batch_items"] == [0]
     for key, value in compact.items():
         reference = full[key][:1] if is_network else full[key]
-        spec = provenance["select"].get(key.removeprefix("out."))
-        if spec is not None:
-            reference = reference[tuple(slice(*axis) for axis in spec)]
+        reference = compact_slices(reference, provenance["select"].get(key.removeprefix("out.")))
         assert value.dtype == reference.dtype and value.tobytes() == reference.tobytes(), key
     dropped = set(full) - set(compact)
     assert all(key.startswith(tuple(provenance["left_out"])) for key in dropped), dropped

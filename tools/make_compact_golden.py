@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retalk.selftest import compact_slices
+
 ROOT = Path(__file__).resolve().parent.parent
 EVERY_4TH_PIXEL = [[None, None, None], [None, None, None], [None, None, 4], [None, None, 4]]
 # golden file -> output -> slices kept of it (after batch item 0 is taken), one [start, stop, step] per axis
@@ -32,7 +34,12 @@ SELECT: dict[str, dict[str, list[list[int | None]]]] = {
         "out_mask_window": EVERY_4TH_PIXEL,
         "out_img": EVERY_4TH_PIXEL,
     },
-    "S3FD.npz": {"cls1": EVERY_4TH_PIXEL, "reg1": EVERY_4TH_PIXEL, "cls2": EVERY_4TH_PIXEL, "reg2": EVERY_4TH_PIXEL},
+    "S3FD.npz": {
+        "cls1": EVERY_4TH_PIXEL,
+        "reg1": EVERY_4TH_PIXEL,
+        "cls2": EVERY_4TH_PIXEL,
+        "reg2": EVERY_4TH_PIXEL,
+    },
     "GANimation_gen.npz": {"embed_sub4": EVERY_4TH_PIXEL},
     "functions.npz": {
         "audio.mel_chunks_fps25": [[None, None, 8]],
@@ -72,10 +79,6 @@ def _encoded(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
     return {f"{key}#codes": codes, f"{key}#values": values}
 
 
-def _selected(value: np.ndarray, spec: list[list[int | None]] | None) -> np.ndarray:
-    return value if spec is None else np.ascontiguousarray(value[tuple(slice(*axis) for axis in spec)])
-
-
 def compact(source: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The compact arrays of one golden file and the provenance written into its meta."""
     select = SELECT.get(source.name, {})
@@ -95,7 +98,9 @@ def compact(source: Path) -> tuple[dict[str, np.ndarray], dict]:
             if key.startswith("in."):
                 arrays.update(_encoded(key, value))
             else:
-                arrays[key] = _selected(value, select.get(key.removeprefix("out.")))
+                arrays[key] = np.ascontiguousarray(
+                    compact_slices(value, select.get(key.removeprefix("out.")))
+                )
     provenance = {
         "source": source.name,
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),

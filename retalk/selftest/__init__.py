@@ -148,7 +148,7 @@ def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
-def _selected(value: np.ndarray, spec: list[list[int | None]] | None) -> np.ndarray:
+def compact_slices(value: np.ndarray, spec: list[list[int | None]] | None) -> np.ndarray:
     """The slices ``spec`` (one ``[start, stop, step]`` per leading axis) of an output, as the compact set keeps."""
     return value if spec is None else value[tuple(slice(*axis) for axis in spec)]
 
@@ -183,7 +183,7 @@ def run_case(
         if ref is None:
             rows.append(SelftestRow(network, name, None, None, False, "not in the golden file"))
         else:
-            got = _selected(np.asarray(value), select.get(name))
+            got = compact_slices(np.asarray(value), select.get(name))
             rows.append(compare(ref, got, tolerances.get(name), network=network, output=name))
     if not rows:
         rows.append(SelftestRow(network, "-", None, None, False, "the case returned no outputs"))
