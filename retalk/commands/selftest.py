@@ -56,7 +56,7 @@ def selftest_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     rows = run_selftest(
-        files[0].parent,
+        args.golden,
         args.keep,
         device,
         args.precision,

@@ -31,7 +31,7 @@ from retalk.errors import InputError
 from retalk.registry import get_spec, synth
 from retalk.selftest.cases import CASES, Case
 
-# README "How to compare": rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
+# The reference data's comparison rule: rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
 REL_L2 = 1e-4
 MAX_ABS_OF_PEAK = 1e-3
 # 16-bit autocast (--precision): the rel L2 error every output must stay within instead of the fp32 rules.
@@ -81,7 +81,7 @@ def compare(
 ) -> SelftestRow:
     """Compare one output with its golden value.
 
-    Default rule (README): rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|. Overrides in ``tol``:
+    Default rule (the reference data's): rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|. Overrides in ``tol``:
     ``exact`` (identical values), ``min_equal`` (fraction of equal elements, label maps),
     ``max_grey`` (max abs difference, integer images), ``atol``/``rtol`` (elementwise
     ``|got - ref| <= atol + rtol * |ref|``), ``rel_l2`` (relative L2 alone: 16-bit precisions).

@@ -35,7 +35,7 @@ class Case:
     golden: str  # the golden file it serves, e.g. "LNet.npz"
     checkpoints: tuple[str, ...]  # the official files it loads (the runner writes synthetic ones)
     run: Callable[[Arrays, dict[str, Any], Path, torch.device], Outputs]  # (inputs, meta, folder, device)
-    tolerances: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # default: the README rule
+    tolerances: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # default: the reference rule
 
 
 def _numpy(outputs: Mapping[str, Tensor]) -> Outputs:
