@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: install everything the tests need on this machine, then run pytest.
 #   tools/test.sh [PYTEST ARGS ...]
-# 1. the system programs the tests run: espeak-ng and sox (sample speech), Xvfb (the Resolve dialog tests);
-#    installed with apt-get when run as root, else named in a message
+# 1. the system programs the tests run: espeak-ng and sox (sample speech), Xvfb (the Resolve dialog tests), and
+#    the shared libraries bpy loads; installed with apt-get when run as root, else named in a message
 # 2. retalk and its dev extra, editable, into the Python that runs the tests: $PYTHON, default python3 (in an
 #    active virtual environment, its own)
 # 3. the bpy venvs of the Blender add-on tests (tools/blender_venvs.sh)
@@ -14,6 +14,13 @@ export PYTHON="${PYTHON:-python3}"
 missing=()
 for program_package in espeak-ng:espeak-ng sox:sox Xvfb:xvfb; do
     command -v "${program_package%%:*}" >/dev/null || missing+=("${program_package##*:}")
+done
+# the shared libraries bpy loads (the Blender add-on tests), by their Debian packages
+libraries="$( (command -v ldconfig >/dev/null && ldconfig -p) || /sbin/ldconfig -p || true)"
+for library_package in libGL.so.1:libgl1 libX11.so.6:libx11-6 libXext.so.6:libxext6 libXfixes.so.3:libxfixes3 \
+    libXi.so.6:libxi6 libXrender.so.1:libxrender1 libXxf86vm.so.1:libxxf86vm1 libSM.so.6:libsm6 \
+    libxkbcommon.so.0:libxkbcommon0 libgomp.so.1:libgomp1; do
+    grep -q "${library_package%%:*} " <<<"$libraries" || missing+=("${library_package##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
