@@ -244,6 +244,17 @@ def _track(
     return track, False
 
 
+def faceless_warning(ranges: list[tuple[int, int]], frames: int, shown: int = 8) -> str:
+    """One line on the output frames that kept the source because no face was found in them."""
+    if ranges == [(0, frames)]:
+        return f"no face found in any of {frames} frames: the output is the source"
+    spans = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:shown]]
+    if len(ranges) > shown:
+        spans.append(f"and {len(ranges) - shown} more ranges")
+    count = sum(b - a for a, b in ranges)
+    return f"no face found in {count} of {frames} frames (output frames {', '.join(spans)}): they are the source's"
+
+
 def redub(
     request: RedubRequest,
     progress: Callable[[ProgressEvent], None] | None = None,
@@ -258,6 +269,7 @@ def redub(
     with stages.timed("check"):
         stages.emit("check", 0, 1)
         request.validate()
+        media.check_output(request.output, request.codec)  # a render must never fail at its last step
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
@@ -284,11 +296,6 @@ def redub(
                 )
                 if value not in ("neutral", "none", "fp32")
             ]
-        expected_suffix = media.default_extension(request.codec)
-        if request.output.suffix.lower() != expected_suffix:
-            warnings.append(
-                f"-o {request.output.name}: codec {request.codec} writes a {expected_suffix} file"
-            )
         stages.emit("check", 1, 1)
 
     # 2. plan the output timeline: frame map and sample-exact audio lengths
@@ -358,13 +365,16 @@ def redub(
         raise
     stages.emit("encode", 1, 1, cancellable=False)
 
+    faceless = faceless_ranges(track.found[local])
+    if faceless:
+        warnings.append(faceless_warning(faceless, n_out))
     return RedubResult(
         output=request.output,
         frames=n_out,
         rate=info.rate,
         duration=timeline.duration,
         engine=engine.name,
-        faceless_ranges=faceless_ranges(track.found[local]),
+        faceless_ranges=faceless,
         warnings=warnings,
         stage_seconds=stages.seconds,
         cache_hits=cache_hits,
