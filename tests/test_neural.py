@@ -17,7 +17,7 @@ import torch
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
-from retalk.align import FACE_TEMPLATE_FFHQ_512, five_points
+from retalk.align import FACE_TEMPLATE_FFHQ_512, FACE_TEMPLATE_GPEN_512, five_points, similarity_transform
 from retalk.errors import CancelledError
 from retalk.pipeline import RedubRequest, RedubResult, redub
 from retalk.pipeline import neural_stages as stages
@@ -128,6 +128,59 @@ def test_upper_face_edit_keeps_the_synthesised_lower_half():
     error = np.abs(out[:, :192].astype(int) - np.stack(down_up)[:, :192].astype(int))
     assert error.mean() < 20  # the input face, resampled, not the synthesised one
     assert np.abs(out[:, :192].astype(int) - pred[:, :192].astype(int)).mean() > 60
+
+
+FRAME_SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "4K": (3840, 2160)}
+FACE_PLACES = ("top-left", "top-right", "centre", "bottom-left", "bottom-right")
+
+
+@pytest.fixture(scope="module")
+def tile_landmarks() -> np.ndarray:
+    """dlib's 68 points of mediagen's 256 face tile, in tile coordinates."""
+    frame = np.zeros((512, 512, 3), np.uint8)
+    frame[128:384, 128:384] = face_image()
+    track = track_faces([frame])
+    assert track.found[0]
+    return track.landmarks[0] - 128
+
+
+def _tile_origin(place: str, width: int, height: int) -> tuple[int, int]:
+    x = {"left": 0, "right": width - 256}.get(place.split("-")[-1], (width - 256) // 2)
+    y = {"top": 0, "bottom": height - 256}.get(place.split("-")[0], (height - 256) // 2)
+    return x, y
+
+
+@pytest.mark.parametrize("place", FACE_PLACES)
+@pytest.mark.parametrize("size", FRAME_SIZES)
+def test_final_parse_crop_is_the_whole_frame_crop(tile_landmarks, size, place):
+    """ParseNet's 512 crop in the final blend, taken through the work region, is the crop of the whole frame
+    (with the region's result written into it) wherever the face is: no shifted face, no black ring."""
+    width, height = FRAME_SIZES[size]
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)  # context everywhere
+    x0, y0 = _tile_origin(place, width, height)
+    frame[y0 : y0 + 256, x0 : x0 + 256] = face_image()
+    lm = tile_landmarks + [x0, y0]
+    box = stages.paste_box(np.r_[lm.min(0), lm.max(0)], width, height)
+    region = stages.work_region(box, width, height)
+    rx1, ry1, rx2, ry2 = region
+    local_box = (box[0] - rx1, box[1] - ry1, box[2] - rx1, box[3] - ry1)
+    blended = 255 - frame[ry1:ry2, rx1:rx2]  # the region's new content
+    seen = []
+
+    def parsenet(x):  # records its input, labels everything skin
+        seen.append(x)
+        logits = torch.zeros(len(x), 19, 512, 512)
+        logits[:, 1] = 1
+        return logits, None
+
+    stages.face_parse_blend(parsenet, [blended], frame[None], lm[None], [region], [local_box], CPU)
+    crop = np.rint((torch.cat(seen)[0].permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)
+    whole = frame.copy()
+    whole[ry1:ry2, rx1:rx2] = blended
+    matrix = similarity_transform(five_points(lm), FACE_TEMPLATE_GPEN_512)
+    expected = cv2.warpAffine(whole, matrix, (512, 512))
+    np.testing.assert_array_equal(crop, expected)
 
 
 def test_faceless_frames_borrow_the_nearest_face_row():

@@ -222,7 +222,6 @@ class NeuralEngine:
                 for (x1, y1, x2, y2), (rx, ry) in zip(boxes, origins, strict=True)
             ]
             pasted_regions = [p[y1:y2, x1:x2] for p, (x1, y1, x2, y2) in zip(pasted, regions, strict=True)]
-            originals = [frames[k][y1:y2, x1:x2] for k, (x1, y1, x2, y2) in zip(rows, regions, strict=True)]
             restored_regions = [
                 stages.paste_back_restored(p, r, m, o)
                 for p, r, m, o in zip(pasted_regions, restored, matrices, origins, strict=True)
@@ -233,13 +232,7 @@ class NeuralEngine:
                 for r, p, m in zip(restored_regions, pasted_regions, mouths, strict=True)
             ]
             final = stages.face_parse_blend(
-                parsenet,
-                mouth_blended,
-                [o.astype(np.float32) for o in originals],
-                lm68,
-                origins,
-                local_boxes,
-                self.device,
+                parsenet, mouth_blended, frames[rows], lm68, regions, local_boxes, self.device
             )
         for k, (x1, y1, x2, y2), face in zip(rows, regions, final, strict=True):
             out[k, y1:y2, x1:x2] = face

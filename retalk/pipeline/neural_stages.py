@@ -392,28 +392,32 @@ def blend_mouth(restored: np.ndarray, pasted: np.ndarray, mouth: np.ndarray) -> 
 def face_parse_blend(
     parsenet: nn.Module,
     mouth_blended: list[np.ndarray],
-    originals: list[np.ndarray],
+    frames: np.ndarray,
     lm68: np.ndarray,
-    origins: list[tuple[int, int]],
+    regions: list[tuple[int, int, int, int]],
     local_boxes: list,
     device: torch.device,
 ) -> list[np.ndarray]:
     """The final composite (§11.6): the synthesised face inside GPEN's face-parse region of the box, the
-    original frame elsewhere; the region's border keeps the original exactly (feathered in)."""
-    matrices = [
-        _shifted(similarity_transform(five_points(lm), FACE_TEMPLATE_GPEN_512), -ox, -oy)
-        for lm, (ox, oy) in zip(lm68, origins, strict=True)
-    ]  # region -> template
-    aligned = np.stack(
-        [cv2.warpAffine(r, m, (ALIGNED_SIZE,) * 2) for r, m in zip(mouth_blended, matrices, strict=True)]
-    )
+    original frame elsewhere; the region's border keeps the original exactly (feathered in).
+
+    ParseNet's 512 crop is warped from the whole frame with the region's result written into it, as the
+    reference crops the whole frame: real context around the face, whatever the face's position."""
+    matrices = [similarity_transform(five_points(lm), FACE_TEMPLATE_GPEN_512) for lm in lm68]  # frame -> crop
+    aligned = []
+    for frame, region, (x1, y1, x2, y2), m in zip(frames, mouth_blended, regions, matrices, strict=True):
+        whole = frame.copy()
+        whole[y1:y2, x1:x2] = region
+        aligned.append(cv2.warpAffine(whole, m, (ALIGNED_SIZE,) * 2))
+    aligned = np.stack(aligned)
     parsed = parse_faces(parsenet, aligned, FACE_LABELS, device).astype(np.float32) / 255
     out = []
-    for region, orig, face, mask512, m, (x1, y1, x2, y2) in zip(
-        mouth_blended, originals, aligned, parsed, matrices, local_boxes, strict=True
+    for region, frame, face, mask512, m, (rx1, ry1, rx2, ry2), (x1, y1, x2, y2) in zip(
+        mouth_blended, frames, aligned, parsed, matrices, regions, local_boxes, strict=True
     ):
+        orig = frame[ry1:ry2, rx1:rx2].astype(np.float32)
         h, w = region.shape[:2]
-        inverse = cv2.invertAffineTransform(m)
+        inverse = _shifted(cv2.invertAffineTransform(m), rx1, ry1)  # crop -> region
         full_img = cv2.warpAffine(face, inverse, (w, h))
         mask = cv2.GaussianBlur(cv2.warpAffine(mask512, inverse, (w, h)), (0, 0), 1)
         box_mask = np.zeros_like(mask)
