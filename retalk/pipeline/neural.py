@@ -8,7 +8,8 @@
 ``listen`` (audio only): one mel window per output frame.
 ``render_chunk`` (per chunk, batched; :func:`render_faces`): E-Net lower face -> optional GANimation upper face
   -> paste -> GFPGAN -> mouth-mask blend -> face-parse paste onto the original, all on a region around the face
-  at its own resolution: every pixel outside that region is the decoded source, bit for bit.
+  at its own resolution: every pixel outside that region is the decoded source, bit for bit (docs/DESIGN.md,
+  deviation 6).
 
 Every stage takes its geometry from a :class:`~retalk.pipeline.geometry.FaceGeometry` of the clip's face track
 and its noise as tensors; ``retalk selftest --pipeline`` drives the same functions with the reference's recorded
@@ -368,7 +369,8 @@ class NeuralEngine:
                         face3d, chunk.frames[keep], self._geometry.rows(local[keep]), self.device
                     )
                 report("coefficients", int(local[-1]) + 1, len(found))
-        return semantic[nearest_found(found)]  # faceless frames borrow a neighbour's row for D-Net's window
+        # faceless frames borrow a neighbour's row for D-Net's window (docs/DESIGN.md, deviation 4)
+        return semantic[nearest_found(found)]
 
     def _template(self) -> np.ndarray:
         """The 64 expression coefficients every reference face is re-rendered with."""
