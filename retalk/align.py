@@ -1,18 +1,18 @@
 """Face geometry of the reference pipeline, numpy-2 clean.
 
-- FFHQ oriented quad from 68 landmarks and the fixed head box of Stage 0 (PIPELINE.md §2.2, §2.3);
-- the perspective coefficients of the STIT paste (§9.2);
-- Deep3DFaceRecon's 5-point POS alignment to the 224x224 face3d input (§4);
-- the 5-point similarity transforms onto the 512x512 templates of GPEN (§8) and GFPGAN (§11.2).
+- FFHQ oriented quad from 68 landmarks and the head box of the 256 crops (the reference's Croper);
+- the perspective coefficients of the STIT paste;
+- Deep3DFaceRecon's 5-point POS alignment to the 224x224 face3d input;
+- the 5-point similarity transforms onto the 512x512 templates of GPEN and GFPGAN (facexlib).
 
 Landmarks are dlib/FAN 68-point iBUG order, (x, y) image pixels unless a function says "y-up".
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import scipy.io
 from PIL import Image
@@ -70,8 +70,11 @@ def _check_lm68(lm68: np.ndarray) -> np.ndarray:
 
 
 def ffhq_quad(lm68: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centre ``c`` and half-axes ``x`` (right) and ``y`` (down) of the FFHQ-recipe square, float64 (2,) each."""
-    lm = _check_lm68(lm68).astype(np.float64)
+    """Centre ``c`` and half-axes ``x`` (right) and ``y`` (down) of the FFHQ-recipe square, (2,) each.
+
+    The arithmetic follows the landmarks' dtype as the reference's does: float32 points (FAN's) give a float32
+    centre and float64 axes, bit for bit the reference's STIT quads."""
+    lm = _check_lm68(lm68)
     eye_left = lm[36:42].mean(axis=0)
     eye_right = lm[42:48].mean(axis=0)
     eye_avg = (eye_left + eye_right) * 0.5
@@ -96,7 +99,7 @@ def crop_box(quad: np.ndarray, frame_w: int, frame_h: int) -> tuple[int, int, in
     """The reference Croper's fixed head box (x1, y1, x2, y2) in frame pixels for an FFHQ quad.
 
     Same arithmetic as ``Croper.align_face`` + ``main`` (10 % border crop, quad + 0.5, truncation), with two
-    deliberate deviations (defect D23): the bottom is clamped with the frame HEIGHT (the reference uses the
+    deliberate deviations (docs/DESIGN.md, deviation 2): the bottom is clamped with the frame HEIGHT (the reference uses the
     width, wrong for portrait frames), and there is no "shrink" step (the reference shrinks the quad for
     faces >= 2048 px but applies the box to the unshrunk frame).
     """
@@ -228,29 +231,57 @@ def align_img(
 # --- 5-point similarity transforms onto the 512 templates --------------------------------------------
 
 
-def similarity_transform(src5: np.ndarray, dst5: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation; Umeyama 1991) mapping src to dst, (2, 3).
-
-    This is GPEN's ``warp_and_crop_face`` estimator. GFPGAN's facexlib uses ``cv2.estimateAffinePartial2D``
-    with LMEDS instead, which on 5 exact-ish points gives nearly the same matrix.
-    """
-    src = np.asarray(src5, dtype=np.float64)
-    dst = np.asarray(dst5, dtype=np.float64)
+def _umeyama(src: np.ndarray, dst: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, float]:
+    """Least-squares similarity (Umeyama 1991) mapping ``src`` to ``dst``: (2, 3) float64 and its scale; with
+    ``scale`` given, only rotation and translation are fitted. The arithmetic keeps the points' dtype (GPEN
+    passes float32), step for step as GPEN's ``_umeyama``, so the matrices are the reference's bit for bit."""
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
         raise InputError(
             f"similarity_transform needs two (n, 2) point sets, n >= 2; got {src.shape}, {dst.shape}"
         )
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    cov = dst_c.T @ src_c / src.shape[0]
-    u, sv, vt = np.linalg.svd(cov)
-    d = np.array([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])  # no reflections
-    rot = u @ np.diag(d) @ vt
-    var = src_c.var(axis=0).sum()
-    if var == 0 or not math.isfinite(var):
-        raise InputError("similarity_transform: the source points coincide")
-    scale = (sv @ d) / var
+    src_demean, dst_demean = src - src_mean, dst - dst_mean
+    cov = dst_demean.T @ src_demean / src.shape[0]
+    d = np.ones(2)
+    if np.linalg.det(cov) < 0:
+        d[1] = -1
+    u, singular, v = np.linalg.svd(cov)
+    rank = np.linalg.matrix_rank(cov)
+    if rank == 0:
+        raise InputError("similarity_transform: the points coincide")
+    if rank == 1 and np.linalg.det(u) * np.linalg.det(v) <= 0:
+        rotation = u @ np.diag([d[0], -1.0]) @ v
+    elif rank == 1:
+        rotation = u @ v
+    else:
+        rotation = u @ np.diag(d) @ v
+    if scale is None:
+        scale = 1.0 / src_demean.var(axis=0).sum() * (singular @ d)
     matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rot
-    matrix[:, 2] = dst_mean - scale * rot @ src_mean
+    matrix[:, 2] = dst_mean - scale * (rotation @ src_mean.T)
+    matrix[:, :2] = rotation * scale
+    return matrix, scale
+
+
+def similarity_transform(src5: np.ndarray, dst5: np.ndarray) -> np.ndarray:
+    """GPEN's least-squares similarity (rotation, uniform scale, translation) mapping src to dst, (2, 3), with
+    the points cast to float32 as ``warp_and_crop_face`` casts them. GFPGAN's facexlib uses
+    ``cv2.estimateAffinePartial2D`` with LMEDS instead (:func:`facexlib_affine`)."""
+    return _umeyama(np.float32(src5), np.float32(dst5))[0]
+
+
+def gpen_warp_matrices(points5: np.ndarray, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPEN's ``warp_and_crop_face`` matrices for 5 points: image -> template and back. The way back is a
+    second fit with the inverse scale, as GPEN computes it: the inverse matrix up to float32 round-off."""
+    src, dst = np.float32(points5), np.float32(template)
+    forward, scale = _umeyama(src, dst)
+    backward, _ = _umeyama(dst, src, scale=1.0 / scale)
+    return forward, backward
+
+
+def facexlib_affine(points5: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """facexlib's frame -> template map for GFPGAN: ``cv2.estimateAffinePartial2D`` with LMEDS, (2, 3)."""
+    matrix = cv2.estimateAffinePartial2D(np.asarray(points5), np.asarray(template), method=cv2.LMEDS)[0]
+    if matrix is None:
+        raise InputError("facexlib_affine: no similarity fits these 5 points")
     return matrix

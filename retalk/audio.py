@@ -1,4 +1,4 @@
-"""Mel features of the reference (Wav2Lip recipe, PIPELINE.md section 7) and their per-frame windows."""
+"""Mel features of the reference (Wav2Lip recipe) and their per-frame windows (docs/DESIGN.md, deviation 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Laplacian pyramid blending with a soft mask, as the reference blends at 512x512 (PIPELINE.md §11.4, §11.6)."""
+"""Laplacian pyramid blending with a soft mask: the reference's mouth blend and final face-parse blend."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""3DMM coefficient layout and D-Net's driving window (PIPELINE.md §4, §5, §6.1).
+"""3DMM coefficient layout and D-Net's driving window.
 
 A row of the per-frame coefficient array ``semantic`` has 262 columns: the 257 outputs of the face3d
 network (id 0:80, exp 80:144, tex 144:224, angle 224:227, gamma 227:254, trans 254:257) followed by the
@@ -79,7 +79,7 @@ def transform_semantic(
 def dnet_driving_window(semantic: np.ndarray, idx: int, expression64: np.ndarray) -> np.ndarray:
     """:func:`transform_semantic` with the 64 expression rows replaced by a template, for every time step.
 
-    This is what D-Net receives (§5): the frame's own pose, translation and crop with a canonical expression.
+    This is what D-Net receives: the frame's own pose, translation and crop with a canonical expression.
     """
     expression64 = np.asarray(expression64).reshape(-1)
     if expression64.shape[0] != 64:

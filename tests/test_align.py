@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from retalk.align import (
     crop_box,
     ffhq_quad,
     five_points,
+    gpen_warp_matrices,
     load_lm3d,
     pos,
     quad_from_landmarks,
@@ -102,7 +104,7 @@ def test_crop_box_of_an_axis_aligned_quad_is_the_quad_plus_half_a_pixel():
 
 def test_crop_box_clamps_the_bottom_with_the_frame_height():
     # Portrait 300x600 frame, a 280-px face: the crop starts 28 px (10 %) above the quad, so the quad's bottom
-    # is 308.5 px into the crop; the reference clamps that with the frame WIDTH (300) and cuts the chin (D23).
+    # is 308.5 px into the crop; the reference clamps that with the frame WIDTH (300) and cuts the chin (docs/DESIGN.md, deviation 2).
     quad = np.array([[10.0, 100.0], [10.0, 380.0], [290.0, 380.0], [290.0, 100.0]])
     assert crop_box(quad, 300, 600) == (10, 100, 290, 380)
     assert crop_box(quad, 300, 360)[3] == 360  # and it still stops at the frame's bottom edge
@@ -152,10 +154,29 @@ def test_similarity_transform_recovers_rotation_scale_translation():
     src = FACE_TEMPLATE_FFHQ_512.astype(np.float64)
     dst = src @ (scale * rot).T + shift
     matrix = similarity_transform(src, dst)
-    np.testing.assert_allclose(matrix[:, :2], scale * rot, atol=1e-9)
-    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-6)
+    np.testing.assert_allclose(matrix[:, :2], scale * rot, atol=1e-5)  # float32 points, as GPEN casts them
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-2)
     mirrored = similarity_transform(src, src * [-1, 1])  # a reflection is never returned
     assert np.linalg.det(mirrored[:, :2]) > 0
+
+
+def test_gpen_maps_back_with_a_second_fit():
+    """GPEN's template -> image map is a second fit with the inverse scale: the inverse matrix up to float32
+    round-off (the recorded reference matrices are this fit, bit for bit: test_parity.py)."""
+    rng = np.random.default_rng(3)
+    points = FACE_TEMPLATE_GPEN_512 * 0.4 + [60, 40] + rng.normal(0, 2, (5, 2))
+    forward, backward = gpen_warp_matrices(points, FACE_TEMPLATE_GPEN_512)
+    np.testing.assert_allclose(backward, cv2.invertAffineTransform(forward), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.c_[FACE_TEMPLATE_GPEN_512, np.ones(5)] @ backward.T, points, atol=6)
+
+
+def test_ffhq_quad_keeps_float32_landmarks_arithmetic():
+    """FAN's float32 points give a float32 centre (and float64 axes), as the reference's STIT code computes."""
+    lm = np.zeros((68, 2), np.float32)
+    lm[36:42], lm[42:48], lm[48], lm[54] = [100, 100], [160, 100], [110, 170], [150, 170]
+    c, x, y = ffhq_quad(lm)
+    assert c.dtype == np.float32 and x.dtype == np.float64 and y.dtype == np.float64
+    np.testing.assert_allclose(ffhq_quad(lm.astype(np.float64))[0], c, rtol=1e-6)
 
 
 def test_gpen_template_matches_the_spec_values():

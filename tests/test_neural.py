@@ -17,11 +17,11 @@ import torch
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
-from retalk.align import FACE_TEMPLATE_FFHQ_512, five_points
 from retalk.errors import CancelledError
 from retalk.pipeline import RedubRequest, RedubResult, redub
 from retalk.pipeline import neural_stages as stages
-from retalk.pipeline.neural import _nearest_found
+from retalk.pipeline.geometry import FaceGeometry, nearest_found
+from retalk.pipeline.neural import render_faces
 from retalk.registry import synth
 from retalk.tracking import FaceTrack, track_faces
 
@@ -43,14 +43,17 @@ def test_lip_sync_keeps_rgb_and_feeds_enet_bgr_with_the_lower_half_masked():
         calls.append((img_batch, noise))
         return reference, None  # a stand-in that returns its reference unchanged
 
-    out = stages.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, [1, 2], CPU)
+    noise = stages.per_frame_noise([1, 2], stages.enet_noise_shapes(), CPU)
+    out = stages.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, noise, CPU)
     np.testing.assert_array_equal(out, refs)  # RGB in, E-Net's BGR world, RGB out
     img = torch.cat([img_batch for img_batch, _ in calls])  # the frames may come in several batches
     masked = (img[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     assert not masked[:, 192:].any()
     np.testing.assert_array_equal(masked[:, :192], faces[:, :192, :, ::-1])  # BGR
-    noise = [torch.cat(maps) for maps in zip(*(noise for _, noise in calls), strict=True)]
-    assert [tuple(n.shape) for n in noise] == [(2, 1, 200, 200)] * 2 + [(2, 1, 400, 400)] * 2
+    given = [torch.cat(maps) for maps in zip(*(noise for _, noise in calls), strict=True)]
+    assert [tuple(n.shape) for n in given] == [(2, 1, 200, 200)] * 2 + [(2, 1, 400, 400)] * 2
+    for a, b in zip(given, noise, strict=True):  # each frame's row goes to its own batch slot
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_per_frame_noise_does_not_depend_on_batch_mates():
@@ -85,31 +88,46 @@ def test_restored_face_pastes_back_where_it_was_taken(face_frame):
     height, width = frame.shape[:2]
     track = track_faces([frame])
     assert track.found[0]
-    lm = track.landmarks[0]
-    matrix = cv2.estimateAffinePartial2D(five_points(lm).astype(np.float32), FACE_TEMPLATE_FFHQ_512)[0]
-    aligned = cv2.warpAffine(frame, matrix, (512, 512))
-    box = stages.paste_box(track.boxes[0], width, height)
-    x1, y1, x2, y2 = stages.work_region(box, width, height)
-    region = frame[y1:y2, x1:x2]
-    back = stages.paste_back_restored(np.zeros_like(region), aligned, matrix, (x1, y1))
-    bx1, by1, bx2, by2 = box
-    qw, qh = (bx2 - bx1) // 4, (by2 - by1) // 4  # the central half of the box, well inside the soft mask
-    inner = (slice(by1 - y1 + qh, by2 - y1 - qh), slice(bx1 - x1 + qw, bx2 - x1 - qw))
+    geometry = FaceGeometry.from_track(track, width, height)
+    crops, matrices = stages.gfpgan_align(frame[None], geometry.restore_points)
+    box = geometry.enet_boxes[0]
+    area = stages.face_area(box, width, height)
+    back = stages.paste_back_restored(np.zeros_like(frame), crops[0], matrices[0], area)
+    region = stages.cut(frame, area.box)
+    x1, y1, x2, y2 = area.local(box)
+    qw, qh = (x2 - x1) // 4, (y2 - y1) // 4  # the central half of the box, well inside the soft mask
+    inner = (slice(y1 + qh, y2 - qh), slice(x1 + qw, x2 - qw))
     error = np.abs(back[inner].astype(int) - region[inner].astype(int))
     assert error.mean() < 2  # resampling twice; a one-pixel misplacement gives more than 8
+
+
+def test_paste_back_in_an_area_is_the_whole_frame_paste_back(face_frame):
+    """The paste-back computed for a region around the face equals the whole-frame paste-back there."""
+    frame = face_frame
+    height, width = frame.shape[:2]
+    geometry = FaceGeometry.from_track(track_faces([frame]), width, height)
+    crops, matrices = stages.gfpgan_align(frame[None], geometry.restore_points)
+    restored = 255 - crops[0]
+    area = stages.face_area(geometry.enet_boxes[0], width, height)
+    whole = stages.paste_back_restored(
+        frame, restored, matrices[0], stages.BlendArea((0, 0, width, height), (1, 1))
+    )
+    local = stages.paste_back_restored(frame, restored, matrices[0], area)
+    error = np.abs(local.astype(int) - stages.cut(whole, area.box).astype(int))
+    assert error.max() <= 1 and (error > 0).mean() < 1e-3  # warps shifted by whole pixels round alike
 
 
 def test_reference_crop_is_the_frame_outside_the_head_quad():
     frame = np.zeros((360, 480, 3), np.uint8)
     frame[52:308, 112:368] = face_image()
-    track = track_faces([frame])
-    head = stages.head_box(track.landmarks[0], 480, 360)
-    box = stages.paste_box(track.boxes[0], 480, 360)
-    white = np.full((256, 256, 3), 255, np.uint8)
-    ref = stages.reference_crop(frame, track.landmarks[0], head, white, box)
+    geometry = FaceGeometry.from_track(track_faces([frame]), 480, 360)
+    white = np.full((1, 256, 256, 3), 255, np.uint8)
+    ref = stages.reference_crops(
+        frame[None], geometry.crop_boxes, white, geometry.stit_quads, geometry.enet_boxes
+    )[0]
     assert ref.shape == (384, 384, 3)
     np.testing.assert_array_equal(ref[192, 192], [255, 255, 255])  # the face centre is the pasted face
-    original = stages.crop_resized(frame, box, 384)
+    original = stages.crop_resized(frame, geometry.enet_boxes[0], 384)
     assert (ref == original).all(axis=2).mean() < 0.5  # most of the E-Net box lies inside the quad
 
 
@@ -130,10 +148,80 @@ def test_upper_face_edit_keeps_the_synthesised_lower_half():
     assert np.abs(out[:, :192].astype(int) - pred[:, :192].astype(int)).mean() > 60
 
 
+FRAME_SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "4K": (3840, 2160)}
+FACE_PLACES = ("top-left", "top-right", "centre", "bottom-left", "bottom-right")
+
+
+@pytest.fixture(scope="module")
+def tile_landmarks() -> np.ndarray:
+    """dlib's 68 points of mediagen's 256 face tile, in tile coordinates."""
+    frame = np.zeros((512, 512, 3), np.uint8)
+    frame[128:384, 128:384] = face_image()
+    track = track_faces([frame])
+    assert track.found[0]
+    return track.landmarks[0] - 128
+
+
+def _tile_origin(place: str, width: int, height: int) -> tuple[int, int]:
+    x = {"left": 0, "right": width - 256}.get(place.split("-")[-1], (width - 256) // 2)
+    y = {"top": 0, "bottom": height - 256}.get(place.split("-")[0], (height - 256) // 2)
+    return x, y
+
+
+def _stand_in_networks():
+    """E-Net returning its reference, GFPGAN its input, ParseNet labelling everything skin and keeping its
+    inputs: the post-processing geometry with no network in the way."""
+    parsed = []
+
+    def enet(mel, img_batch, reference, noise):
+        return reference, None
+
+    def gfpgan(x, noise):
+        return x
+
+    def parsenet(x):
+        parsed.append(x)
+        logits = torch.zeros(len(x), 19, *x.shape[2:])
+        logits[:, 1] = 1
+        return logits, None
+
+    return enet, gfpgan, parsenet, parsed
+
+
+@pytest.mark.parametrize("place", FACE_PLACES)
+@pytest.mark.parametrize("size", FRAME_SIZES)
+def test_final_parse_crop_is_the_whole_frame_crop(tile_landmarks, size, place):
+    """ParseNet's 512 crop in the final paste is GPEN's crop of the whole frame with the face area's result
+    written into it, wherever the face is: no shifted face, no black ring (the face is small here, so most of
+    the crop lies outside the work area)."""
+    width, height = FRAME_SIZES[size]
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)  # context everywhere
+    x0, y0 = _tile_origin(place, width, height)
+    frame[y0 : y0 + 256, x0 : x0 + 256] = face_image()
+    lm = tile_landmarks + [x0, y0]
+    geometry = FaceGeometry.from_landmarks(lm[None], np.r_[lm.min(0), lm.max(0)][None], [True], width, height)
+    area = stages.face_area(geometry.enet_boxes[0], width, height)
+    enet, gfpgan, parsenet, parsed = _stand_in_networks()
+    traced = {}
+    render_faces(
+        enet, gfpgan, parsenet, frame[None], geometry, np.zeros((1, 80, 16)),
+        rng.integers(0, 256, (1, 384, 384, 3), dtype=np.uint8), [], [], [area], CPU,
+        trace=lambda name, value: traced.setdefault(name, value),
+    )  # fmt: skip
+    crop = np.rint((parsed[-1][0].permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)
+    whole = frame.copy()
+    x1, y1, x2, y2 = area.box
+    whole[y1:y2, x1:x2] = traced["pp"][0]
+    expected, _ = stages.gpen_align(whole[None], geometry.paste_points)
+    np.testing.assert_array_equal(crop, expected[0])
+    assert not (area.size[0] >= 512 and area.size[1] >= 512)  # the area alone could not fill the crop
+
+
 def test_faceless_frames_borrow_the_nearest_face_row():
     found = np.array([False, True, False, False, False, True, False])
-    np.testing.assert_array_equal(_nearest_found(found), [1, 1, 1, 1, 5, 5, 5])
-    np.testing.assert_array_equal(_nearest_found(np.array([False, True])), [1, 1])
+    np.testing.assert_array_equal(nearest_found(found), [1, 1, 1, 1, 5, 5, 5])
+    np.testing.assert_array_equal(nearest_found(np.array([False, True])), [1, 1])
 
 
 # --- the whole engine with synthetic checkpoints ---------------------------------------------------------------

@@ -24,6 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="folder of golden *.npz, e.g. the full reference set (default: the compact set shipped with retalk)",
     )
+    parser.add_argument(
+        "--pipeline",
+        type=Path,
+        metavar="DIR",
+        help="check the neural engine stage by stage against a recorded reference run in DIR "
+        "(e.g. ../shared/reference/pipeline) instead of the networks against the golden outputs",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     parser.add_argument(
         "--precision",
@@ -47,6 +54,8 @@ def selftest_command(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     check_precision(device, args.precision)
+    if args.pipeline is not None:
+        return _pipeline(args, device)
     files = golden_files(args.golden)
     gigabytes = synthetic_bytes(files) / 1e9
     where = args.keep if args.keep is not None else "a temporary folder (removed after)"
@@ -66,4 +75,38 @@ def selftest_command(args: argparse.Namespace) -> int:
     failed = sum(not r.passed for r in rows)
     if not args.json:
         print(f"{len(rows) - failed} passed, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _pipeline(args: argparse.Namespace, device) -> int:
+    from retalk.selftest import checkpoints_folder
+    from retalk.selftest.pipeline import check_pipeline, format_report, report_to_json
+
+    if args.precision != "fp32":
+        print(
+            "selftest: --pipeline checks fp32 (the recording's tolerances); --precision is ignored",
+            file=sys.stderr,
+        )
+    where = args.keep if args.keep is not None else "a temporary folder (removed after)"
+    print(
+        "selftest: --pipeline writes the rule-filled weights of the pipeline's networks (about 1.5 GB) in "
+        f"{where}, then runs every stage twice (per stage and chained): about 5 min on a 2-core CPU",
+        file=sys.stderr,
+    )
+    with checkpoints_folder(args.keep) as folder:
+        report = check_pipeline(
+            args.pipeline,
+            folder,
+            device,
+            report=lambda message: print(f"selftest: {message}", file=sys.stderr),
+        )
+    print(json.dumps(report_to_json(report)) if args.json else format_report(report))
+    failed = [r for r in report.rows if not r.passed]
+    if not args.json:
+        stages = sorted({f"{r.part} {r.stage}" for r in failed})
+        print(
+            f"{len(report.rows) - len(failed)} passed, {len(failed)} failed"
+            + (f" (in {', '.join(stages)})" if stages else ""),
+            file=sys.stderr,
+        )
     return 1 if failed else 0

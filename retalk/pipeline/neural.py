@@ -1,15 +1,19 @@
 """The neural re-dub engine: VideoReTalking's networks behind the pipeline's :class:`Engine` protocol.
 
 ``prepare`` (video only; cached by decoded content, track, expression and checkpoint identity):
-  1. 3DMM coefficients: per-frame FFHQ head box from the (smoothed) face track -> 256 crops -> face3d;
+  1. 3DMM coefficients: the head crops of every frame -> face3d (:func:`coefficient_rows`);
   2. reference faces, chunk by chunk: D-Net re-renders each crop with the template expression, GPEN enhances it,
-     it is pasted inside the head quad and cropped at the E-Net box -> 384 references (one cache file per chunk,
-     so memory never grows with the clip).
+     the STIT paste puts it back into its frame, cropped at the E-Net box -> 384 references
+     (:func:`reference_faces`; one cache file per chunk, so memory never grows with the clip).
 ``listen`` (audio only): one mel window per output frame.
-``render_chunk`` (per chunk, batched): E-Net lower face -> optional GANimation upper face -> paste -> GFPGAN ->
-  mouth-mask blend -> face-parse blend with the original, all on a region around the face at its own
-  resolution: every pixel outside that region is the decoded source, bit for bit.
-The head box is computed per frame from the smoothed track (the reference fixes one box per clip, D7).
+``render_chunk`` (per chunk, batched; :func:`render_faces`): E-Net lower face -> optional GANimation upper face
+  -> paste -> GFPGAN -> mouth-mask blend -> face-parse paste onto the original, all on a region around the face
+  at its own resolution: every pixel outside that region is the decoded source, bit for bit (docs/DESIGN.md,
+  deviation 6).
+
+Every stage takes its geometry from a :class:`~retalk.pipeline.geometry.FaceGeometry` of the clip's face track
+and its noise as tensors; ``retalk selftest --pipeline`` drives the same functions with the reference's recorded
+geometry and noise (docs/DESIGN.md lists where and why the engine differs from the reference).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -40,12 +44,13 @@ from retalk.models.gpen import load_gpen
 from retalk.models.parsing import load_parsenet
 from retalk.pipeline import neural_stages as stages
 from retalk.pipeline.cache import ArtifactCache, cache_key
+from retalk.pipeline.geometry import FaceGeometry, nearest_found
 from retalk.pipeline.redub import SourceClip
 from retalk.pipeline.request import RedubRequest
 from retalk.registry import find_checkpoint
 from retalk.tracking import track_faces
 
-PREPARE_FORMAT = 1  # bump when anything prepare stores changes meaning
+PREPARE_FORMAT = 2  # bump when anything prepare stores changes meaning
 PREP_CHUNK = 16  # frames per reference cache file
 CACHE_KIND = "neural"
 EXPRESSION_KEYS = {"neutral": "expression_center", "smile": "expression_mouth"}
@@ -65,18 +70,130 @@ def _identity(path: Path) -> tuple[str, int, int]:
     return path.name, stat.st_size, stat.st_mtime_ns
 
 
-def _nearest_found(found: np.ndarray) -> np.ndarray:
-    """For each frame, the index of the nearest frame with a face (a faceless frame borrows its row)."""
-    with_face = np.flatnonzero(found)
-    pos = np.clip(np.searchsorted(with_face, np.arange(len(found))), 1, len(with_face) - 1)
-    if len(with_face) == 1:
-        return np.full(len(found), with_face[0])
-    left, right = with_face[pos - 1], with_face[pos]
-    return np.where(np.arange(len(found)) - left <= right - np.arange(len(found)), left, right)
+# (stage output name, value): how ``retalk selftest --pipeline`` sees the images between the stages
+Trace = Callable[[str, object], None]
+
+
+def _no_trace(name: str, value: object) -> None:
+    pass
+
+
+def _crops256(frames: np.ndarray, geometry: FaceGeometry) -> np.ndarray:
+    return np.stack(
+        [
+            stages.crop_resized(f, b, stages.CROP_SIZE)
+            for f, b in zip(frames, geometry.crop_boxes, strict=True)
+        ]
+    )
+
+
+def coefficient_rows(
+    face3d: torch.nn.Module, frames: np.ndarray, geometry: FaceGeometry, device: torch.device
+) -> np.ndarray:
+    """(n, 262) coefficient rows of frames with a face (RGB) and their geometry rows."""
+    return stages.face3d_rows(face3d, _crops256(frames, geometry), geometry.crop_landmarks, device)
+
+
+def reference_faces(
+    dnet: torch.nn.Module,
+    gpen: torch.nn.Module,
+    parsenet: torch.nn.Module,
+    frames: np.ndarray,
+    geometry: FaceGeometry,
+    semantic: np.ndarray,
+    indices: Sequence[int],
+    expression: np.ndarray,
+    device: torch.device,
+    trace: Trace = _no_trace,
+) -> np.ndarray:
+    """(n, 384, 384, 3) E-Net references of frames with a face; ``indices`` are their rows in ``semantic``
+    (the clip's coefficients, read by D-Net's window)."""
+    # 1. D-Net re-renders the head crop with the template expression
+    stabilized = stages.stabilize(dnet, _crops256(frames, geometry), semantic, indices, expression, device)
+    trace("dnet_out", stabilized)
+    # 2. GPEN enhances it
+    enhanced = stages.enhance_references(
+        gpen, parsenet, stabilized, geometry.enhance_points, geometry.enhance_boxes, device
+    )
+    trace("gpen_enhanced", enhanced)
+    # 3. pasted back into its frame, cropped at the E-Net box
+    return stages.reference_crops(
+        frames, geometry.crop_boxes, enhanced, geometry.stit_quads, geometry.enet_boxes
+    )
+
+
+def _with_area(frame: np.ndarray, area: stages.BlendArea, image: np.ndarray) -> np.ndarray:
+    out = frame.copy()
+    x1, y1, x2, y2 = area.box
+    out[y1:y2, x1:x2] = image
+    return out
+
+
+def render_faces(
+    enet: torch.nn.Module,
+    gfpgan: torch.nn.Module,
+    parsenet: torch.nn.Module,
+    frames: np.ndarray,
+    geometry: FaceGeometry,
+    mel: np.ndarray,
+    references: np.ndarray,
+    enet_noise: Sequence[torch.Tensor],
+    gfpgan_noise: Sequence[torch.Tensor],
+    areas: Sequence[stages.BlendArea],
+    device: torch.device,
+    upper_face: tuple[torch.nn.Module, torch.Tensor] | None = None,
+    trace: Trace = _no_trace,
+) -> np.ndarray:
+    """Frames (n, H, W, 3) RGB with a face, lip-synced to their mel windows (n, 80, 16); each face is
+    post-processed in its blend area. ``upper_face``: GANimation and its action units."""
+    boxes = geometry.enet_boxes
+    # 1. E-Net: the lower half of each face from its mel window and reference
+    faces = np.stack(
+        [stages.crop_resized(f, b, stages.FACE_SIZE) for f, b in zip(frames, boxes, strict=True)]
+    )
+    pred = stages.lip_sync(enet, mel, faces, references, enet_noise, device)
+    # 2. optional upper-face expression
+    if upper_face is not None:
+        pred = stages.edit_upper_face(upper_face[0], faces, pred, upper_face[1], device)
+    trace("pred", pred)
+    # 3. paste, then GFPGAN on the face aligned from its 5 points, pasted back
+    pasted = stages.paste_faces(frames, boxes, pred)
+    crops, matrices = stages.gfpgan_align(pasted, geometry.restore_points)
+    restored = stages.restore_gfpgan(gfpgan, crops, gfpgan_noise, device)
+    restored = [
+        stages.paste_back_restored(p, r, m, a)
+        for p, r, m, a in zip(pasted, restored, matrices, areas, strict=True)
+    ]
+    trace("gfpgan_pasted", restored)
+    # 4. the mouth and lips of GFPGAN's face blended into the pasted face
+    local_boxes = [a.local(b) for a, b in zip(areas, boxes, strict=True)]
+    mouths = stages.mouth_masks(parsenet, restored, local_boxes, device)
+    mouth_blended = [
+        stages.blend_in_area(r, stages.cut(p, a.box), m, a.size, stages.MOUTH_LEVELS)
+        for r, p, m, a in zip(restored, pasted, mouths, areas, strict=True)
+    ]
+    del pasted
+    trace("pp", mouth_blended)
+    # 5. the face-parse paste onto the original frame, from GPEN's crop of the whole mouth-blended frame
+    aligned, inverses = zip(
+        *(
+            stages.gpen_align(_with_area(f, a, m)[None], p[None])
+            for f, a, m, p in zip(frames, areas, mouth_blended, geometry.paste_points, strict=True)
+        ),
+        strict=True,
+    )
+    aligned, inverses = np.concatenate(aligned), np.concatenate(inverses)
+    masks = stages.parse_faces(parsenet, aligned, stages.FACE_LABELS, device)
+    final = stages.face_parse_paste(aligned, masks, inverses, frames, boxes, areas)
+    out = frames.copy()
+    for frame, area, face in zip(out, areas, final, strict=True):
+        x1, y1, x2, y2 = area.box
+        frame[y1:y2, x1:x2] = face
+    return out
 
 
 class NeuralEngine:
-    """VideoReTalking's D-Net / E-Net / GPEN / GFPGAN pipeline (PIPELINE.md) on the clip's face track."""
+    """VideoReTalking's D-Net / E-Net / GPEN / GFPGAN pipeline on the geometry of the clip's face track."""
 
     name = "neural"
 
@@ -90,6 +207,7 @@ class NeuralEngine:
         self._cache: ArtifactCache | None = None
         self._private_dir: tempfile.TemporaryDirectory | None = None
         self._key = ""
+        self._geometry: FaceGeometry | None = None
         self._semantic: np.ndarray | None = None
         self._expression: np.ndarray | None = None
         self._mel: np.ndarray | None = None
@@ -116,7 +234,7 @@ class NeuralEngine:
 
     def _prepare_key(self, clip: SourceClip) -> str:
         track = hashlib.sha256()
-        for array in (clip.track.boxes, clip.track.landmarks, clip.track.found):
+        for array in (clip.track.boxes, clip.track.landmarks, clip.track.found, clip.track.raw_boxes):
             track.update(np.ascontiguousarray(array).tobytes())
         return cache_key(
             "neural-prepare",
@@ -143,6 +261,7 @@ class NeuralEngine:
             return []  # nothing to render: the pipeline passes every frame through
         self._cache = clip.cache if clip.cache is not None else self._private_cache()
         self._key = self._prepare_key(clip)
+        self._geometry = FaceGeometry.from_track(clip.track, clip.info.width, clip.info.height)
         hits = []
 
         # 1. 3DMM coefficients of every frame (small: 262 floats a frame)
@@ -177,72 +296,41 @@ class NeuralEngine:
         """Clip frames ``source_index`` lip-synced as output frames ``output_index``; faceless ones unchanged."""
         if self._clip is None or self._mel is None:
             raise RuntimeError("NeuralEngine.prepare() and listen() must run before render_chunk()")
-        track = self._clip.track
         local = np.asarray(source_index) - self._clip.start
-        rows = np.flatnonzero(track.found[local])
+        rows = np.flatnonzero(self._clip.track.found[local])
         out = frames.copy()
         if len(rows) == 0:
             return out
         height, width = frames.shape[1:3]
-        boxes = [stages.paste_box(track.boxes[local[k]], width, height) for k in rows]
-        lm68 = track.landmarks[local[rows]]
-        faces = np.stack(
-            [stages.crop_resized(frames[k], b, stages.FACE_SIZE) for k, b in zip(rows, boxes, strict=True)]
-        )
-        references = np.stack([self._reference(int(local[k])) for k in rows])
+        geometry = self._geometry.rows(local[rows])
         outputs = [int(i) for i in np.asarray(output_index)[rows]]
         enet = self._model(load_enet, "ENet.pth", "LNet.pth")
         gfpgan = self._model(load_gfpgan, "GFPGANv1.3.pth")
         parsenet = self._model(load_parsenet, "ParseNet-latest.pth")
-
+        upper_face = None
+        if self._aus is not None:
+            upper_face = self._model(load_ganimation, "30_net_gen.pth"), self._aus
         with torch.inference_mode(), self._autocast():
-            # 1. E-Net: the lower half of each face from its mel window and reference
-            pred = stages.lip_sync(
+            out[rows] = render_faces(
                 enet,
-                self._mel[outputs],
-                faces,
-                references,
-                [self._seed(i, ENET_NOISE) for i in outputs],
-                self.device,
-            )
-            # 2. optional upper-face expression
-            if self._aus is not None:
-                ganimation = self._model(load_ganimation, "30_net_gen.pth")
-                pred = stages.edit_upper_face(ganimation, faces, pred, self._aus, self.device)
-            # 3. paste, then GFPGAN on the face aligned from the track's 5 points
-            pasted = stages.paste_faces(frames[rows], boxes, pred)
-            restored, matrices = stages.restore_faces(
-                gfpgan, pasted, lm68, [self._seed(i, GFPGAN_NOISE) for i in outputs], self.device
-            )
-            # 4. blends on the region around each face
-            regions = [stages.work_region(b, width, height) for b in boxes]
-            origins = [(r[0], r[1]) for r in regions]
-            local_boxes = [
-                (x1 - rx, y1 - ry, x2 - rx, y2 - ry)
-                for (x1, y1, x2, y2), (rx, ry) in zip(boxes, origins, strict=True)
-            ]
-            pasted_regions = [p[y1:y2, x1:x2] for p, (x1, y1, x2, y2) in zip(pasted, regions, strict=True)]
-            originals = [frames[k][y1:y2, x1:x2] for k, (x1, y1, x2, y2) in zip(rows, regions, strict=True)]
-            restored_regions = [
-                stages.paste_back_restored(p, r, m, o)
-                for p, r, m, o in zip(pasted_regions, restored, matrices, origins, strict=True)
-            ]
-            mouths = stages.box_mouth_mask(parsenet, restored_regions, local_boxes, self.device)
-            mouth_blended = [
-                stages.blend_mouth(r, p, m)
-                for r, p, m in zip(restored_regions, pasted_regions, mouths, strict=True)
-            ]
-            final = stages.face_parse_blend(
+                gfpgan,
                 parsenet,
-                mouth_blended,
-                [o.astype(np.float32) for o in originals],
-                lm68,
-                origins,
-                local_boxes,
+                frames[rows],
+                geometry,
+                self._mel[outputs],
+                np.stack([self._reference(int(local[k])) for k in rows]),
+                stages.per_frame_noise(
+                    [self._seed(i, ENET_NOISE) for i in outputs], stages.enet_noise_shapes(), self.device
+                ),
+                stages.per_frame_noise(
+                    [self._seed(i, GFPGAN_NOISE) for i in outputs],
+                    stages.gfpgan_noise_shapes(gfpgan),
+                    self.device,
+                ),
+                [stages.face_area(b, width, height) for b in geometry.enet_boxes],
                 self.device,
+                upper_face,
             )
-        for k, (x1, y1, x2, y2), face in zip(rows, regions, final, strict=True):
-            out[k, y1:y2, x1:x2] = face
         return out
 
     # --- prepare's stages ---------------------------------------------------------------------------------------
@@ -268,24 +356,6 @@ class NeuralEngine:
     def _chunk_key(self, a: int) -> str:
         return cache_key(self._key, "references", a, PREP_CHUNK)
 
-    def _crops(
-        self, frames: np.ndarray, local: np.ndarray
-    ) -> tuple[list[tuple[int, int, int, int]], np.ndarray, np.ndarray]:
-        """Head boxes, 256 crops and the track's landmarks in them for clip frames ``local``."""
-        track = self._clip.track
-        height, width = frames.shape[1:3]
-        heads = [stages.head_box(track.landmarks[i], width, height) for i in local]
-        crops = np.stack(
-            [stages.crop_resized(f, h, stages.CROP_SIZE) for f, h in zip(frames, heads, strict=True)]
-        )
-        lm256 = np.stack(
-            [
-                stages.landmarks_in_box(track.landmarks[i], h, stages.CROP_SIZE)
-                for i, h in zip(local, heads, strict=True)
-            ]
-        )
-        return heads, crops, lm256
-
     def _coefficients(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> np.ndarray:
         face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
         found = clip.track.found
@@ -295,13 +365,15 @@ class NeuralEngine:
                 local = chunk.start - clip.start + np.arange(len(chunk.frames))
                 keep = found[local]
                 if keep.any():
-                    _, crops, lm256 = self._crops(chunk.frames[keep], local[keep])
-                    semantic[local[keep]] = stages.face3d_rows(face3d, crops, lm256, self.device)
+                    semantic[local[keep]] = coefficient_rows(
+                        face3d, chunk.frames[keep], self._geometry.rows(local[keep]), self.device
+                    )
                 report("coefficients", int(local[-1]) + 1, len(found))
-        return semantic[_nearest_found(found)]  # faceless frames borrow a neighbour's row for D-Net's window
+        # faceless frames borrow a neighbour's row for D-Net's window (docs/DESIGN.md, deviation 4)
+        return semantic[nearest_found(found)]
 
     def _template(self) -> np.ndarray:
-        """The 64 expression coefficients every reference face is re-rendered with (§5)."""
+        """The 64 expression coefficients every reference face is re-rendered with."""
         if self._expression is not None:
             return self._expression
         if self.request.expression in EXPRESSION_KEYS:
@@ -337,26 +409,17 @@ class NeuralEngine:
         keep = clip.track.found[local]
         references = np.zeros((b - a, stages.FACE_SIZE, stages.FACE_SIZE, 3), np.uint8)
         if keep.any():
-            dnet = self._model(load_dnet, "DNet.pt")
-            gpen = self._model(load_gpen, "GPEN-BFR-512.pth")
-            parsenet = self._model(load_parsenet, "ParseNet-latest.pth")
-            height, width = frames.shape[1:3]
-            heads, crops, lm256 = self._crops(frames[keep], local[keep])
-            box256 = np.stack(
-                [
-                    stages.landmarks_in_box(clip.track.boxes[i].reshape(2, 2), h, stages.CROP_SIZE).reshape(4)
-                    for i, h in zip(local[keep], heads, strict=True)
-                ]
-            )
             with torch.inference_mode(), self._autocast():
-                stabilized = stages.stabilize(
-                    dnet, crops, self._semantic, local[keep], self._template(), self.device
-                )
-                enhanced = stages.enhance_references(gpen, parsenet, stabilized, lm256, box256, self.device)
-            for i, head, face in zip(local[keep], heads, enhanced, strict=True):
-                box = stages.paste_box(clip.track.boxes[i], width, height)
-                references[i - a] = stages.reference_crop(
-                    frames[i - a], clip.track.landmarks[i], head, face, box
+                references[keep] = reference_faces(
+                    self._model(load_dnet, "DNet.pt"),
+                    self._model(load_gpen, "GPEN-BFR-512.pth"),
+                    self._model(load_parsenet, "ParseNet-latest.pth"),
+                    frames[keep],
+                    self._geometry.rows(local[keep]),
+                    self._semantic,
+                    local[keep],
+                    self._template(),
+                    self.device,
                 )
         self._cache.put(CACHE_KIND, self._chunk_key(a), lambda p: np.savez(p, references=references))
         return references

@@ -1,29 +1,33 @@
-"""The stages of the neural engine as batched functions over a chunk of frames (PIPELINE.md §2-§11).
+"""The stages of the neural engine as batched functions over a chunk of frames.
 
 Images are uint8 RGB (n, H, W, 3) unless a name says otherwise; E-Net alone works in BGR, as it was trained.
-Faces are located by the clip's face track (dlib 68 points per frame): no stage runs a face detector.
-Conversions to uint8 truncate where the reference truncates (D20) so values stay comparable with it.
+Every stage takes its geometry as arguments (from a ``retalk.pipeline.geometry.FaceGeometry``) and its noise as
+tensors, so that the recorded reference geometry and noise can be replayed (docs/DESIGN.md, deviations 1 and 5).
+Each stage does the reference's arithmetic: the same warps and interpolation flags, float64 where it computes in
+float64, truncation to uint8 where it truncates and rounding where it rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from retalk.align import (
     FACE_TEMPLATE_FFHQ_512,
     FACE_TEMPLATE_GPEN_512,
     LM3D_STD,
+    STIT_CROP_CORNERS_256,
     align_img,
-    crop_box,
-    five_points,
-    quad_from_landmarks,
-    similarity_transform,
+    calc_alignment_coefficients,
+    facexlib_affine,
+    gpen_warp_matrices,
 )
 from retalk.blend import laplacian_pyramid_blend
 from retalk.coeffs import dnet_driving_window
@@ -32,16 +36,19 @@ from retalk.models.enet import LNET_SIZE, PAD
 from retalk.models.ganimation import compose_expression
 from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS, face_region_mask
 
-CROP_SIZE = 256  # Stage 0 crops, face3d and D-Net input
+CROP_SIZE = 256  # head crops: face3d, D-Net and the reference enhancement
 FACE_SIZE = 384  # E-Net crops
 ALIGNED_SIZE = 512  # GPEN, GFPGAN and ParseNet input
 GANIMATION_SIZE = 128
-CHIN_PAD = 20  # --pads default: pixels added below the face box (§9.4)
 GFPGAN_BORDER = (132, 133, 135)  # facexlib's border colour (135, 133, 132) BGR, in RGB
-MOUTH_LEVELS = 10  # Laplacian levels of the mouth blend (§11.4)
-FACE_LEVELS = 6  # Laplacian levels of the final face-parse blend (§11.6)
-REGION_MARGIN = 0.25  # work region around the paste box, as a fraction of its longer side
-GPEN_SMALL_FACE = 100  # faces smaller than this get the 3x3 blur before warping back (§8 step 5)
+MOUTH_LEVELS = 10  # Laplacian levels of the mouth blend
+FACE_LEVELS = 6  # Laplacian levels of the final face-parse blend
+PARSE_BORDER = (
+    20  # GPEN zeroes this many pixels around its 512 parse mask (in place: the sharp mask loses them too)
+)
+GPEN_SMALL_FACE = 100  # GPEN blurs faces whose detector box is smaller than this before warping them back
+GPEN_SMALL_FACE_KERNEL = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
+REGION_MARGIN = 0.25  # the engine's work region: the E-Net box grown by this fraction of its longer side
 # activation memory of one item in each network's forward pass, MB (CPU, fp32, measured at batch 4):
 # the batch sizes follow from it (retalk.device.batch_size)
 ITEM_MB = {
@@ -54,9 +61,11 @@ ITEM_MB = {
     "parsenet": 540,
 }
 
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2
+
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [0, 1]."""
+    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [0, 1] (the same values as the reference's float64 /255)."""
     return (
         torch.tensor(images, device=device).permute(0, 3, 1, 2).float() / 255
     )  # a copy: inputs may be read-only
@@ -80,7 +89,7 @@ def per_frame_noise(
     seeds: Sequence[int], shapes: Sequence[tuple[int, int]], device: torch.device
 ) -> list[torch.Tensor]:
     """One (n, 1, H, W) standard-normal tensor per noise layer; frame k's noise depends on ``seeds[k]`` only,
-    so a frame renders the same whatever its batch mates are (the reference draws fresh noise: D13)."""
+    so a frame renders the same whatever its batch mates are (docs/DESIGN.md, deviation 5)."""
     per_layer: list[list[torch.Tensor]] = [[] for _ in shapes]
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
@@ -89,40 +98,18 @@ def per_frame_noise(
     return [torch.cat(layer).to(device) for layer in per_layer]
 
 
-# --- 0. crops ------------------------------------------------------------------------------------------------
-
-
-def head_box(lm68: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """Stage 0's FFHQ head box (x1, y1, x2, y2) for one frame's landmarks (per frame: the track is smoothed)."""
-    return crop_box(quad_from_landmarks(lm68), width, height)
-
-
-def paste_box(face_box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """The E-Net crop: the tracked face box with the 20 px chin pad, clamped to the frame, truncated (§9.4)."""
-    x1, y1, x2, y2 = face_box
-    x1, y1 = int(max(x1, 0)), int(max(y1, 0))
-    x2, y2 = int(min(x2, width)), int(min(y2 + CHIN_PAD, height))
-    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
-
-
 def crop_resized(frame: np.ndarray, box: Sequence[int], size: int) -> np.ndarray:
+    """``frame[y1:y2, x1:x2]`` resized to ``size`` x ``size`` (bilinear, as every crop of the reference)."""
     x1, y1, x2, y2 = box
     return cv2.resize(frame[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def landmarks_in_box(lm68: np.ndarray, box: Sequence[int], size: int) -> np.ndarray:
-    """Frame landmarks mapped into the ``size`` x ``size`` resized crop of ``box``."""
-    x1, y1, x2, y2 = box
-    return (lm68 - [x1, y1]) * [size / (x2 - x1), size / (y2 - y1)]
+# --- 1. 3DMM coefficients ------------------------------------------------------------------------------------
 
 
-# --- 1. 3DMM coefficients (§4) -------------------------------------------------------------------------------
-
-
-def face3d_rows(
-    face3d: nn.Module, crops256: np.ndarray, lm256: np.ndarray, device: torch.device
-) -> np.ndarray:
-    """(n, 262) rows of coefficients (257) + align_img's trans_params (5) for 256 crops and their landmarks."""
+def face3d_inputs(crops256: np.ndarray, lm256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """align_img's 224 crops (n, 224, 224, 3) and trans_params (n, 5) float32 for 256 crops and their
+    landmarks (y flipped to y-up as the reference does, in the landmarks' own dtype)."""
     aligned, params = [], []
     for crop, lm in zip(crops256, lm256, strict=True):
         lm_yup = lm.copy()
@@ -130,17 +117,30 @@ def face3d_rows(
         trans_params, im224, _, _ = align_img(crop, lm_yup, LM3D_STD)
         aligned.append(im224)
         params.append(trans_params)
-    images = _to_tensor(np.stack(aligned), device)
+    return np.stack(aligned), np.stack(params)
+
+
+def face3d_coefficients(face3d: nn.Module, aligned224: np.ndarray, device: torch.device) -> np.ndarray:
+    """(n, 257) face3d coefficients of align_img's 224 crops."""
+    images = _to_tensor(aligned224, device)
     coeffs = _in_batches(
         lambda s: face3d(images[s]), len(images), "face3d", device
     )  # [n, 3, 224, 224] -> [n, 257]
-    return np.concatenate([coeffs.cpu().numpy(), np.stack(params)], axis=1).astype(np.float32)
+    return coeffs.cpu().numpy()
+
+
+def face3d_rows(
+    face3d: nn.Module, crops256: np.ndarray, lm256: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """(n, 262) rows of coefficients (257) + align_img's trans_params (5) for 256 crops and their landmarks."""
+    aligned, params = face3d_inputs(crops256, lm256)
+    return np.concatenate([face3d_coefficients(face3d, aligned, device), params], axis=1).astype(np.float32)
 
 
 def expression_from_image(
     face3d: nn.Module, image: np.ndarray, lm68: np.ndarray, device: torch.device
 ) -> np.ndarray:
-    """The 64 expression coefficients of a face in a whole image (the reference's ``--exp_img``, §5)."""
+    """The 64 expression coefficients of a face in a whole image (the reference's ``--exp_img``)."""
     lm_yup = lm68.copy()
     lm_yup[:, 1] = image.shape[0] - 1 - lm_yup[:, 1]
     _, im224, _, _ = align_img(image, lm_yup, LM3D_STD)
@@ -148,7 +148,7 @@ def expression_from_image(
     return coeffs[0, 80:144].float().cpu().numpy()
 
 
-# --- 2. D-Net expression stabilisation (§6) ------------------------------------------------------------------
+# --- 2. D-Net expression stabilisation -----------------------------------------------------------------------
 
 
 def stabilize(
@@ -169,76 +169,181 @@ def stabilize(
     return _to_uint8((fake.clamp(-1, 1) + 1) / 2)
 
 
-# --- 3. GPEN reference enhancement (§8) ----------------------------------------------------------------------
+# --- 3. GPEN reference enhancement ---------------------------------------------------------------------------
 
 
 def parse_faces(
     parsenet: nn.Module, faces512: np.ndarray, labels: Sequence[int], device: torch.device
 ) -> np.ndarray:
-    """(n, 512, 512) uint8 masks, 255 where ParseNet's label is in ``labels``."""
-    logits = _in_batches(
-        lambda s: parsenet(_to_tensor(faces512[s], device) * 2 - 1)[0], len(faces512), "parsenet", device
-    )
+    """(n, 512, 512) uint8 masks, 255 where ParseNet's label is in ``labels``. The input is scaled in float64
+    and then cast, as GPEN's FaceParse does (float32 arithmetic rounds half of the values differently)."""
+
+    def forward(items: slice) -> torch.Tensor:
+        x = torch.from_numpy((faces512[items] / 255.0 * 2 - 1).astype(np.float32)).permute(0, 3, 1, 2)
+        return parsenet(x.to(device))[0]
+
+    logits = _in_batches(forward, len(faces512), "parsenet", device)
     return face_region_mask(logits, labels).cpu().numpy()
+
+
+def gpen_align(images: np.ndarray, points5: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPEN's ``warp_and_crop_face``: each image aligned to the 512 template from its 5 points (flags 3, as
+    GPEN warps), and the template -> image map of each."""
+    aligned, inverses = [], []
+    for image, points in zip(images, points5, strict=True):
+        forward, inverse = gpen_warp_matrices(points, FACE_TEMPLATE_GPEN_512)
+        aligned.append(cv2.warpAffine(image, forward, (ALIGNED_SIZE,) * 2, flags=cv2.INTER_AREA))
+        inverses.append(inverse)
+    return np.stack(aligned), np.stack(inverses)
+
+
+def restore_gpen(gpen: nn.Module, aligned: np.ndarray, device: torch.device) -> np.ndarray:
+    """GPEN-BFR-512 on aligned 512 faces: (n, 512, 512, 3) uint8 (truncated, as GPEN's tensor2img)."""
+    out = _in_batches(lambda s: gpen(_to_tensor(aligned[s], device) * 2 - 1), len(aligned), "gpen", device)
+    return _to_uint8(out * 0.5 + 0.5)
+
+
+def _parse_mask_layers(mask512: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPEN's two masks from a 0/255 parse mask: the sharp one (float64, its border zeroed in place by GPEN's
+    mask_postprocess) and the soft one (two 101 px Gaussian blurs of it, float32)."""
+    sharp = mask512 / 255.0
+    b = PARSE_BORDER
+    sharp[:b, :] = 0
+    sharp[-b:, :] = 0
+    sharp[:, :b] = 0
+    sharp[:, -b:] = 0
+    soft = cv2.GaussianBlur(cv2.GaussianBlur(sharp, (101, 101), 11), (101, 101), 11).astype(np.float32)
+    return sharp, soft
+
+
+class WarpedBack(NamedTuple):
+    face: np.ndarray  # the 512 face warped back, zero where the soft mask is not positive
+    soft: np.ndarray  # (h, w, 1) float32 soft mask where positive, else 0
+    sharp: np.ndarray  # (h, w, 1) float64 sharp mask, blurred with sigma 1
+
+
+def warp_back(
+    face512: np.ndarray, mask512: np.ndarray, inverse: np.ndarray, size: tuple[int, int]
+) -> WarpedBack:
+    """GPEN's FaceEnhancement.process after the networks, for one face: masks and face back into an image of
+    ``size`` (w, h) through ``inverse`` (template -> image)."""
+    sharp, soft = _parse_mask_layers(mask512)
+    soft = cv2.warpAffine(soft, inverse, size, flags=cv2.INTER_AREA)
+    sharp = cv2.warpAffine(sharp, inverse, size, flags=cv2.INTER_AREA)
+    face = cv2.warpAffine(face512, inverse, size, flags=cv2.INTER_AREA)
+    inside = soft > 0
+    return WarpedBack(
+        np.where(inside[:, :, None], face, 0),
+        np.where(inside, soft, 0)[:, :, None],
+        cv2.GaussianBlur(sharp, (0, 0), sigmaX=1, sigmaY=1)[:, :, None],
+    )
+
+
+def gpen_composite(
+    images: np.ndarray,
+    restored512: np.ndarray,
+    masks512: np.ndarray,
+    inverses: np.ndarray,
+    face_boxes: np.ndarray,
+) -> np.ndarray:
+    """GPEN's faces composited back into their images: through the soft face-parse mask, then the sharp one
+    (two rounding ``convertScaleAbs``, as FaceEnhancement.process without Poisson blending)."""
+    out = np.empty_like(images)
+    for k, (image, face, mask, inverse, (x1, y1, x2, y2)) in enumerate(
+        zip(images, restored512, masks512, inverses, face_boxes, strict=True)
+    ):
+        if min(y2 - y1, x2 - x1) < GPEN_SMALL_FACE:
+            face = cv2.filter2D(face, -1, GPEN_SMALL_FACE_KERNEL)
+        back = warp_back(face, mask, inverse, image.shape[1::-1])
+        composite = cv2.convertScaleAbs(image * (1 - back.soft) + back.face * back.soft)
+        out[k] = cv2.convertScaleAbs(image * (1 - back.sharp) + composite * back.sharp)
+    return out
 
 
 def enhance_references(
     gpen: nn.Module,
     parsenet: nn.Module,
     stabilized: np.ndarray,
-    lm256: np.ndarray,
-    box256: np.ndarray,
+    points5: np.ndarray,
+    face_boxes: np.ndarray,
     device: torch.device,
 ) -> np.ndarray:
-    """GPEN on each stabilised face aligned to its 512 template, composited back with the face-parse mask."""
-    matrices = [similarity_transform(five_points(lm), FACE_TEMPLATE_GPEN_512) for lm in lm256]
-    aligned = np.stack(
-        [
-            cv2.warpAffine(img, m, (ALIGNED_SIZE,) * 2, flags=cv2.INTER_LINEAR)
-            for img, m in zip(stabilized, matrices, strict=True)
-        ]
+    """GPEN on each stabilised 256 face aligned from its 5 points, composited back with the face-parse mask."""
+    aligned, inverses = gpen_align(stabilized, points5)
+    restored = restore_gpen(gpen, aligned, device)
+    masks = parse_faces(parsenet, restored, FACE_LABELS, device)
+    return gpen_composite(stabilized, restored, masks, inverses, face_boxes)
+
+
+# --- 4. the E-Net reference: the enhanced face pasted back into its frame ------------------------------------
+
+
+def stit_crop(image256: np.ndarray, quad: np.ndarray) -> Image.Image:
+    """STIT's aligned crop of the FFHQ ``quad`` (4, 2) of a 256 image: crop with a 10 % border, then a PIL QUAD
+    transform to 256 x 256 (the reference's crop_image without padding; a quad inside a 256 image never
+    reaches its shrink step)."""
+    img = Image.fromarray(image256)
+    quad = np.array(quad, dtype=np.float64)
+    qsize = np.hypot(*((quad[3] - quad[1]) / 2)) * 2
+    border = max(int(np.rint(qsize * 0.1)), 3)
+    left, top = int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1])))
+    right, bottom = int(np.ceil(max(quad[:, 0]))), int(np.ceil(max(quad[:, 1])))
+    crop = (
+        max(left - border, 0),
+        max(top - border, 0),
+        min(right + border, img.width),
+        min(bottom + border, img.height),
     )
-    enhanced = _in_batches(
-        lambda s: gpen(_to_tensor(aligned[s], device) * 2 - 1), len(aligned), "gpen", device
+    if crop[2] - crop[0] < img.width or crop[3] - crop[1] < img.height:
+        img = img.crop(crop)
+        quad -= crop[0:2]
+    return img.transform(
+        (CROP_SIZE, CROP_SIZE), Image.Transform.QUAD, (quad + 0.5).flatten(), Image.Resampling.BILINEAR
     )
-    enhanced = _to_uint8(enhanced * 0.5 + 0.5)
-    masks = parse_faces(parsenet, enhanced, FACE_LABELS, device).astype(np.float32) / 255
-    out = np.empty_like(stabilized)
-    size = (CROP_SIZE, CROP_SIZE)
-    for k, (orig, face, mask_sharp, m) in enumerate(zip(stabilized, enhanced, masks, matrices, strict=True)):
-        inverse = cv2.invertAffineTransform(m)
-        soft = np.zeros_like(mask_sharp)
-        soft[20:-20, 20:-20] = mask_sharp[20:-20, 20:-20]
-        soft = cv2.GaussianBlur(cv2.GaussianBlur(soft, (101, 101), 11), (101, 101), 11)
-        x1, y1, x2, y2 = box256[k]
-        if min(x2 - x1, y2 - y1) < GPEN_SMALL_FACE:
-            face = cv2.filter2D(face, -1, np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16)
-        face_back = cv2.warpAffine(face, inverse, size, flags=cv2.INTER_LINEAR).astype(np.float32)
-        soft_back = cv2.warpAffine(soft, inverse, size, flags=cv2.INTER_LINEAR)[:, :, None]
-        sharp_back = cv2.GaussianBlur(cv2.warpAffine(mask_sharp, inverse, size), (0, 0), 1)[:, :, None]
-        img = cv2.convertScaleAbs(orig * (1 - soft_back) + face_back * soft_back)
-        out[k] = cv2.convertScaleAbs(orig * (1 - sharp_back) + img * sharp_back)
+
+
+def stit_paste(enhanced256: np.ndarray, background256: np.ndarray, quad: np.ndarray) -> np.ndarray:
+    """(256, 256, 4) uint8: the STIT crop of the enhanced face projected back onto ``background256`` through
+    the inverse perspective of its quad, pasted with its own alpha (RGB + alpha, as the reference's
+    paste_image; the alpha is dropped afterwards)."""
+    coefficients = calc_alignment_coefficients(quad + 0.5, STIT_CROP_CORNERS_256)
+    projected = (
+        stit_crop(enhanced256, quad)
+        .convert("RGBA")
+        .transform(
+            (CROP_SIZE, CROP_SIZE), Image.Transform.PERSPECTIVE, coefficients, Image.Resampling.BILINEAR
+        )
+    )
+    pasted = Image.fromarray(background256).convert("RGBA")
+    pasted.paste(projected, (0, 0), mask=projected)
+    return np.asarray(pasted)
+
+
+def reference_crops(
+    frames: np.ndarray,
+    crop_boxes: np.ndarray,
+    enhanced256: np.ndarray,
+    quads: np.ndarray,
+    enet_boxes: np.ndarray,
+) -> np.ndarray:
+    """(n, 384, 384, 3) E-Net references: the STIT composite of the enhanced face over a 256 resize of its head
+    box, resized back into the head box of the frame, cropped at the E-Net box."""
+    out = np.empty((len(frames), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    for k, (frame, (x1, y1, x2, y2), face, quad, box) in enumerate(
+        zip(frames, crop_boxes, enhanced256, quads, enet_boxes, strict=True)
+    ):
+        background = cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE))
+        composite = stit_paste(face, background, quad)[:, :, :3]
+        # only the union of the two boxes is needed: the head box gets the composite, the E-Net box is cut out
+        ux1, uy1 = min(x1, box[0]), min(y1, box[1])
+        ux2, uy2 = max(x2, box[2]), max(y2, box[3])
+        local = frame[uy1:uy2, ux1:ux2].copy()
+        local[y1 - uy1 : y2 - uy1, x1 - ux1 : x2 - ux1] = cv2.resize(composite, (x2 - x1, y2 - y1))
+        out[k] = crop_resized(local, (box[0] - ux1, box[1] - uy1, box[2] - ux1, box[3] - uy1), FACE_SIZE)
     return out
 
 
-def reference_crop(
-    frame: np.ndarray, lm68: np.ndarray, head: Sequence[int], enhanced256: np.ndarray, face_box: Sequence[int]
-) -> np.ndarray:
-    """The 384 E-Net reference: the frame with the enhanced face pasted inside its FFHQ quad (the STIT paste of
-    §9.2, with the track's landmarks instead of a second FAN pass), cropped at the E-Net box."""
-    x1, y1, x2, y2 = head
-    ff = frame.copy()
-    region = ff[y1:y2, x1:x2]
-    face = cv2.resize(enhanced256, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
-    quad = (quad_from_landmarks(lm68) - [x1, y1]) * 16  # 4 fractional bits for an anti-aliased edge
-    alpha = np.zeros(region.shape[:2], np.uint8)
-    cv2.fillConvexPoly(alpha, np.round(quad).astype(np.int32), 255, cv2.LINE_AA, shift=4)
-    a = alpha[:, :, None].astype(np.float32) / 255
-    region[:] = (face * a + region * (1 - a)).astype(np.uint8)
-    return crop_resized(ff, face_box, FACE_SIZE)
-
-
-# --- 4. E-Net lip synthesis (§9.5, §10) ----------------------------------------------------------------------
+# --- 5. E-Net lip synthesis ----------------------------------------------------------------------------------
 
 
 def enet_noise_shapes() -> list[tuple[int, int]]:
@@ -247,20 +352,25 @@ def enet_noise_shapes() -> list[tuple[int, int]]:
     return [(2 * side, 2 * side)] * 2 + [(4 * side, 4 * side)] * 2
 
 
+def enet_inputs(faces: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """(n, 384, 384, 6) uint8 BGR: each face with its lower half blacked out, then its reference."""
+    masked = faces.copy()
+    masked[:, FACE_SIZE // 2 :] = 0  # the lower half the network fills in
+    return np.concatenate([masked, references], axis=3)[..., [2, 1, 0, 5, 4, 3]]
+
+
 def lip_sync(
     enet: nn.Module,
     mel: np.ndarray,
     faces: np.ndarray,
     references: np.ndarray,
-    seeds: Sequence[int],
+    noise: Sequence[torch.Tensor],
     device: torch.device,
 ) -> np.ndarray:
-    """E-Net mouths for (n, 384, 384, 3) RGB crops with their references and (n, 80, 16) mel windows."""
-    masked = faces.copy()
-    masked[:, FACE_SIZE // 2 :] = 0  # the lower half the network fills in
-    img_batch = _to_tensor(np.concatenate([masked, references], axis=3)[..., [2, 1, 0, 5, 4, 3]], device)
+    """E-Net mouths (n, 384, 384, 3) RGB for RGB crops with their references, (n, 80, 16) mel windows and the
+    four StyleConv noise maps (n, 1, H, W) (row k is frame k's)."""
+    img_batch = _to_tensor(enet_inputs(faces, references), device)
     mel_batch = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)).to(device)[:, None]
-    noise = per_frame_noise(seeds, enet_noise_shapes(), device)
     pred = _in_batches(
         lambda s: enet(mel_batch[s], img_batch[s], img_batch[s, 3:], noise=[z[s] for z in noise])[0],
         len(img_batch),
@@ -274,7 +384,7 @@ def edit_upper_face(
     ganimation: nn.Module, faces: np.ndarray, pred: np.ndarray, aus: torch.Tensor, device: torch.device
 ) -> np.ndarray:
     """GANimation's upper face above the synthesised lower half (the reference's ``--up_face`` with
-    ``--without_rl1``, §11.5; fed RGB, not the reference's BGR: D19)."""
+    ``--without_rl1``; fed RGB, not the reference's BGR: docs/DESIGN.md, deviation 8)."""
     source = F.interpolate(
         _to_tensor(faces, device) * 2 - 1, size=GANIMATION_SIZE, mode="bilinear", align_corners=False
     )
@@ -291,147 +401,202 @@ def edit_upper_face(
     return out
 
 
-# --- 5. post-processing on a region around the face (§11) ----------------------------------------------------
+# --- 6. post-processing: GFPGAN, the mouth blend and the face-parse paste ------------------------------------
 
 
-def work_region(box: Sequence[int], width: int, height: int) -> tuple[int, int, int, int]:
-    """The only part of the frame the post-processing touches: the paste box plus a margin."""
+class BlendArea(NamedTuple):
+    """Where a face's post-processing happens: the frame rectangle ``box``, blended at ``size`` (w, h).
+
+    The engine works on a region around the face at its own resolution (:func:`face_area`); the reference
+    resizes the whole frame to 512 x 512 and back (:func:`whole_frame_512`; docs/DESIGN.md, deviation 6)."""
+
+    box: Box
+    size: tuple[int, int]
+
+    def local(self, box: Sequence[int]) -> Box:
+        """A frame box in this area's coordinates."""
+        x1, y1, x2, y2 = box
+        return x1 - self.box[0], y1 - self.box[1], x2 - self.box[0], y2 - self.box[1]
+
+
+def face_area(box: Sequence[int], width: int, height: int) -> BlendArea:
+    """The engine's area: the E-Net box plus a margin, blended at its own resolution."""
     x1, y1, x2, y2 = box
     margin = int(REGION_MARGIN * max(x2 - x1, y2 - y1))
-    return max(x1 - margin, 0), max(y1 - margin, 0), min(x2 + margin, width), min(y2 + margin, height)
+    region = max(x1 - margin, 0), max(y1 - margin, 0), min(x2 + margin, width), min(y2 + margin, height)
+    return BlendArea(region, (region[2] - region[0], region[3] - region[1]))
 
 
-def _levels(wanted: int, region: np.ndarray) -> int:
-    return max(1, min(wanted, int(np.log2(min(region.shape[:2]))) + 1))
+def whole_frame_512(width: int, height: int) -> BlendArea:
+    """The reference's area: the whole frame, resized to 512 x 512 for the blends."""
+    return BlendArea((0, 0, width, height), (ALIGNED_SIZE, ALIGNED_SIZE))
 
 
 def _shifted(matrix: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    """An affine map followed by a translation by (-dx, -dy): frame coordinates -> region coordinates."""
+    """An affine map followed by a translation by (-dx, -dy): into an area whose top-left is (dx, dy)."""
     out = matrix.copy()
     out[:, 2] -= [dx, dy]
     return out
 
 
+def cut(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    return image[y1:y2, x1:x2]
+
+
 def paste_faces(frames: np.ndarray, boxes: Sequence[Sequence[int]], pred: np.ndarray) -> np.ndarray:
-    """Frames with each E-Net face resized into its box (hard edge, §11.1)."""
+    """Frames with each E-Net face resized into its box (hard edge)."""
     out = frames.copy()
     for frame, (x1, y1, x2, y2), face in zip(out, boxes, pred, strict=True):
         frame[y1:y2, x1:x2] = cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
     return out
 
 
-def restore_faces(
-    gfpgan: nn.Module, pasted: np.ndarray, lm68: np.ndarray, seeds: Sequence[int], device: torch.device
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """GFPGAN v1.3 on each face aligned to the FFHQ 512 template from the track's 5 points (§11.2):
-    (n, 512, 512, 3) restored faces and each face's frame -> template affine map."""
-    matrices = [
-        cv2.estimateAffinePartial2D(
-            five_points(lm).astype(np.float32), FACE_TEMPLATE_FFHQ_512, method=cv2.LMEDS
-        )[0]
-        for lm in lm68
-    ]
-    aligned = np.stack(
+def gfpgan_align(frames: np.ndarray, points5: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """facexlib's 512 crops (FFHQ template, grey border) of whole frames, and each frame -> crop map."""
+    matrices = np.stack([facexlib_affine(p, FACE_TEMPLATE_FFHQ_512) for p in points5])
+    crops = np.stack(
         [
             cv2.warpAffine(
                 f, m, (ALIGNED_SIZE,) * 2, borderMode=cv2.BORDER_CONSTANT, borderValue=GFPGAN_BORDER
             )
-            for f, m in zip(pasted, matrices, strict=True)
+            for f, m in zip(frames, matrices, strict=True)
         ]
     )
-    shapes = [tuple(getattr(gfpgan.noises, f"noise{i}").shape[-2:]) for i in range(gfpgan.decoder.num_layers)]
-    noise = per_frame_noise(seeds, shapes, device)
+    return crops, matrices
+
+
+def gfpgan_noise_shapes(gfpgan: nn.Module) -> list[tuple[int, int]]:
+    """GFPGAN's decoder noise sizes, one per StyleConv."""
+    return [tuple(getattr(gfpgan.noises, f"noise{i}").shape[-2:]) for i in range(gfpgan.decoder.num_layers)]
+
+
+def restore_gfpgan(
+    gfpgan: nn.Module, crops: np.ndarray, noise: Sequence[torch.Tensor], device: torch.device
+) -> np.ndarray:
+    """GFPGAN v1.3 on 512 crops with per-layer noise maps (n, 1, h, w): (n, 512, 512, 3) uint8, rounded as
+    basicsr's tensor2img rounds."""
     out = _in_batches(
-        lambda s: gfpgan(_to_tensor(aligned[s], device) * 2 - 1, noise=[z[s] for z in noise]),
-        len(aligned),
+        lambda s: gfpgan(_to_tensor(crops[s], device) * 2 - 1, noise=[z[s] for z in noise]),
+        len(crops),
         "gfpgan",
         device,
     )
-    restored = ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return restored, matrices
+    return ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def paste_back_restored(
-    pasted_region: np.ndarray, restored: np.ndarray, matrix: np.ndarray, origin: tuple[int, int]
+    frame: np.ndarray, restored: np.ndarray, matrix: np.ndarray, area: BlendArea
 ) -> np.ndarray:
-    """facexlib's paste-back of a restored face into the work region (soft eroded square mask)."""
-    h, w = pasted_region.shape[:2]
-    inverse = _shifted(cv2.invertAffineTransform(matrix), *origin)
-    face = cv2.warpAffine(restored, inverse, (w, h)).astype(np.float32)
-    mask = cv2.warpAffine(np.ones((ALIGNED_SIZE,) * 2, np.float32), inverse, (w, h))
-    mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
-    face_area = ALIGNED_SIZE**2 / abs(np.linalg.det(matrix[:, :2]))  # the whole square's, even if R clips it
-    edge = int(face_area**0.5) // 20
+    """facexlib's paste-back of a restored 512 face into ``frame`` (square mask, eroded and blurred by a
+    width that follows the face's area), returned for the area's box.
+
+    It runs over the box together with the square's footprint: the soft mask's width depends on the whole
+    eroded square, as facexlib sums it over the whole frame."""
+    height, width = frame.shape[:2]
+    inverse = cv2.invertAffineTransform(matrix)  # crop -> frame
+    corners = np.array(
+        [[0, 0, 1], [ALIGNED_SIZE, 0, 1], [0, ALIGNED_SIZE, 1], [ALIGNED_SIZE, ALIGNED_SIZE, 1]]
+    )
+    foot = corners @ inverse.T
+    x1, y1, x2, y2 = area.box
+    ux1, uy1 = max(min(x1, int(foot[:, 0].min()) - 2), 0), max(min(y1, int(foot[:, 1].min()) - 2), 0)
+    ux2, uy2 = min(max(x2, int(foot[:, 0].max()) + 3), width), min(max(y2, int(foot[:, 1].max()) + 3), height)
+    size = (ux2 - ux1, uy2 - uy1)
+    inverse = _shifted(inverse, ux1, uy1)
+    face = cv2.warpAffine(restored, inverse, size)
+    mask = cv2.erode(
+        cv2.warpAffine(np.ones((ALIGNED_SIZE,) * 2, np.float32), inverse, size), np.ones((2, 2), np.uint8)
+    )
+    edge = int(np.sum(mask) ** 0.5) // 20
     centre = cv2.erode(mask, np.ones((2 * edge, 2 * edge), np.uint8)) if edge > 0 else mask
     soft = cv2.GaussianBlur(centre, (2 * edge + 1, 2 * edge + 1), 0)[:, :, None]
-    return (soft * face * mask[:, :, None] + (1 - soft) * pasted_region).astype(np.uint8)
+    pasted = (soft * (mask[:, :, None] * face) + (1 - soft) * frame[uy1:uy2, ux1:ux2]).astype(np.uint8)
+    return pasted[y1 - uy1 : y2 - uy1, x1 - ux1 : x2 - ux1]
 
 
-def box_mouth_mask(
-    parsenet: nn.Module, restored_regions: list[np.ndarray], local_boxes: list, device: torch.device
+def mask_in_box(mask512: np.ndarray, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """A 0/255 512 mask resized into ``box`` of an (h, w) uint8 image, as {0, 1}: the reference writes mask / 255
+    into a uint8 array, so only pixels that stay at 255 after the resize survive."""
+    x1, y1, x2, y2 = box
+    out = np.zeros(shape[:2], np.uint8)
+    out[y1:y2, x1:x2] = (cv2.resize(mask512, (x2 - x1, y2 - y1)) / 255.0).astype(np.uint8)
+    return out
+
+
+def mouth_masks(
+    parsenet: nn.Module, restored: list[np.ndarray], boxes: list[Box], device: torch.device
 ) -> list[np.ndarray]:
-    """Binary {0, 1} mouth+lips masks (ParseNet labels 10-12 on the box resized to 512; §11.3, D24)."""
-    crops = np.stack(
-        [crop_resized(r, b, ALIGNED_SIZE) for r, b in zip(restored_regions, local_boxes, strict=True)]
-    )
+    """ParseNet's mouth and lips (labels 10-12) in each box of the restored images, as {0, 1} image masks."""
+    crops = np.stack([crop_resized(r, b, ALIGNED_SIZE) for r, b in zip(restored, boxes, strict=True)])
     masks512 = parse_faces(parsenet, crops, MOUTH_LABELS, device)
-    out = []
-    for region, (x1, y1, x2, y2), m in zip(restored_regions, local_boxes, masks512, strict=True):
-        mask = np.zeros(region.shape[:2], np.float32)
-        mask[y1:y2, x1:x2] = cv2.resize(m, (x2 - x1, y2 - y1)) == 255
-        out.append(mask)
-    return out
+    return [mask_in_box(m, b, r.shape) for r, b, m in zip(restored, boxes, masks512, strict=True)]
 
 
-def blend_mouth(restored: np.ndarray, pasted: np.ndarray, mouth: np.ndarray) -> np.ndarray:
-    """GFPGAN's result only inside the mouth mask, at the region's own resolution (§11.4 without D1)."""
-    blended = laplacian_pyramid_blend(restored, pasted, mouth, _levels(MOUTH_LEVELS, restored))
-    return np.clip(blended, 0, 255).astype(np.uint8)
+def _levels(wanted: int, size: tuple[int, int]) -> int:
+    """Pyramid levels for an image of ``size``: ``wanted``, fewer where the image is too small for them."""
+    return max(1, min(wanted, int(np.log2(min(size))) + 1))
 
 
-def face_parse_blend(
-    parsenet: nn.Module,
-    mouth_blended: list[np.ndarray],
-    originals: list[np.ndarray],
-    lm68: np.ndarray,
-    origins: list[tuple[int, int]],
-    local_boxes: list,
-    device: torch.device,
+def blend_in_area(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray, size: tuple[int, int], levels: int
+) -> np.ndarray:
+    """Laplacian blend of ``a`` (where ``mask`` is 1) over ``b`` at ``size`` (w, h), back at the images' size,
+    clipped and truncated to uint8 as the reference's blends."""
+    h, w = a.shape[:2]
+    mask = mask.astype(np.float32)
+    resized = (w, h) != tuple(size)
+    if resized:
+        a, b, mask = (cv2.resize(x, tuple(size)) for x in (a, b, mask))
+    out = np.clip(laplacian_pyramid_blend(a, b, mask, _levels(levels, size)), 0, 255)
+    return np.uint8(cv2.resize(out, (w, h)) if resized else out)
+
+
+def face_parse_paste(
+    aligned: np.ndarray,
+    masks512: np.ndarray,
+    inverses: np.ndarray,
+    frames: np.ndarray,
+    boxes: Sequence[Sequence[int]],
+    areas: Sequence[BlendArea],
 ) -> list[np.ndarray]:
-    """The final composite (§11.6): the synthesised face inside GPEN's face-parse region of the box, the
-    original frame elsewhere; the region's border keeps the original exactly (feathered in)."""
-    matrices = [
-        _shifted(similarity_transform(five_points(lm), FACE_TEMPLATE_GPEN_512), -ox, -oy)
-        for lm, (ox, oy) in zip(lm68, origins, strict=True)
-    ]  # region -> template
-    aligned = np.stack(
-        [cv2.warpAffine(r, m, (ALIGNED_SIZE,) * 2) for r, m in zip(mouth_blended, matrices, strict=True)]
-    )
-    parsed = parse_faces(parsenet, aligned, FACE_LABELS, device).astype(np.float32) / 255
+    """The final composite, per face, for its area: the aligned crop warped back inside GPEN's face-parse mask
+    (blurred, limited to rows y1..y2-6 and columns x1..x2-1 of the E-Net box), the original frame elsewhere
+    (a 6-level Laplacian blend). A region inside the frame is feathered into the original at its edges."""
     out = []
-    for region, orig, face, mask512, m, (x1, y1, x2, y2) in zip(
-        mouth_blended, originals, aligned, parsed, matrices, local_boxes, strict=True
+    for face, mask, inverse, frame, box, area in zip(
+        aligned, masks512, inverses, frames, boxes, areas, strict=True
     ):
-        h, w = region.shape[:2]
-        inverse = cv2.invertAffineTransform(m)
-        full_img = cv2.warpAffine(face, inverse, (w, h))
-        mask = cv2.GaussianBlur(cv2.warpAffine(mask512, inverse, (w, h)), (0, 0), 1)
-        box_mask = np.zeros_like(mask)
-        box_mask[y1 : y2 - 5, x1:x2] = 1  # rows y1..y2-6, columns x1..x2-1 as the reference
-        blended = np.clip(
-            laplacian_pyramid_blend(full_img, orig, mask * box_mask, _levels(FACE_LEVELS, orig)), 0, 255
-        )
-        blended = blended.astype(np.uint8).astype(np.float32)
-        feather = _border_feather(h, w, min(y1, x1, h - y2, w - x2))
-        out.append(np.rint(orig + (blended - orig) * feather).astype(np.uint8))
+        x1, y1, x2, y2 = area.local(box)
+        original = cut(frame, area.box)
+        h, w = original.shape[:2]
+        back = warp_back(face, mask, _shifted(inverse, *area.box[:2]), (w, h))
+        box_mask = np.zeros_like(back.sharp)
+        box_mask[y1 : y2 - 5, x1:x2] = 1
+        blended = blend_in_area(back.face, original, (back.sharp * box_mask)[:, :, 0], area.size, FACE_LEVELS)
+        out.append(_feathered(blended, original, area, frame.shape[1], frame.shape[0], (x1, y1, x2, y2)))
     return out
 
 
-def _border_feather(h: int, w: int, margin: int) -> np.ndarray:
-    """1 inside, falling linearly to 0 at the region's edge over ``margin // 2`` px: the blend's coarse
-    pyramid levels never put a seam on the region's border."""
-    ramp = max(margin // 2, 1)
-    ys = np.minimum(np.arange(h), np.arange(h)[::-1])
-    xs = np.minimum(np.arange(w), np.arange(w)[::-1])
-    edge = np.minimum(ys[:, None], xs[None, :]).astype(np.float32)
-    return np.clip(edge / ramp, 0, 1)[:, :, None]
+def _feathered(
+    blended: np.ndarray, original: np.ndarray, area: BlendArea, width: int, height: int, box: Box
+) -> np.ndarray:
+    """``blended`` faded into ``original`` towards the area's edges that lie inside the frame, over half the
+    margin between the box and that edge: the blend's coarse pyramid levels never leave a seam where the area
+    ends. Edges on the frame's border stay as they are (the whole frame: no change at all)."""
+    h, w = original.shape[:2]
+    ax1, ay1, ax2, ay2 = area.box
+    x1, y1, x2, y2 = box
+    inner = [(ax1 > 0, x1), (ay1 > 0, y1), (ax2 < width, w - x2), (ay2 < height, h - y2)]
+    margins = [m for inside, m in inner if inside]
+    if not margins:
+        return blended
+    ramp = max(min(margins) // 2, 1)
+    far = np.float32(1e9)
+    ys, xs = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
+    to_edge = np.minimum(
+        np.minimum(xs if ax1 > 0 else far, xs[::-1] if ax2 < width else far)[None, :],
+        np.minimum(ys if ay1 > 0 else far, ys[::-1] if ay2 < height else far)[:, None],
+    )
+    fade = np.clip(to_edge / ramp, 0, 1)[:, :, None]
+    return np.rint(original + (blended.astype(np.float32) - original) * fade).astype(np.uint8)

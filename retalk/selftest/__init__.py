@@ -191,7 +191,7 @@ def run_case(
 
 
 @contextlib.contextmanager
-def _checkpoints_folder(keep: Path | None) -> Iterator[Path]:
+def checkpoints_folder(keep: Path | None) -> Iterator[Path]:
     """``keep``, or a temporary folder removed afterwards (the synthetic weights take over a gigabyte)."""
     if keep is not None:
         yield keep
@@ -226,7 +226,7 @@ def run_selftest(
     cases = CASES if cases is None else cases
     device = torch.device(device)
     rows: list[SelftestRow] = []
-    with _checkpoints_folder(Path(checkpoints_dir) if checkpoints_dir is not None else None) as folder:
+    with checkpoints_folder(Path(checkpoints_dir) if checkpoints_dir is not None else None) as folder:
         for path in files:
             if on_start:
                 on_start(path.name)
