@@ -45,8 +45,9 @@ log = logging.getLogger("retalk.server")
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7878"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Pipeline failures that retrying cannot fix (PROTOCOL.md §8.2).
-FINAL_FAILURES = ("invalid", "media", "checkpoint")
+# Pipeline failures that retrying cannot fix (PROTOCOL.md §8.2); "failed": a pool that retries by itself (the
+# Ray farm re-runs a lost segment) gave up.
+FINAL_FAILURES = ("invalid", "media", "checkpoint", "failed")
 _OPTION_TYPES = {
     "expression": str,
     "upper_face": str,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
-from retalk.pipeline import ProgressEvent, RedubRequest, redub
+from retalk.pipeline import ProgressEvent, RedubRequest, RedubResult, redub
 
 # SUBMIT options (PROTOCOL.md §4.3) that map one to one onto RedubRequest fields.
 OPTION_FIELDS = ("expression", "upper_face", "fit", "extend", "face", "codec", "seed", "use_cache")
@@ -47,7 +47,11 @@ def run_redub(
     def report(event: ProgressEvent) -> None:
         progress(event.stage, event.done, event.total, event.message)
 
-    result = redub(request, progress=report, should_cancel=should_cancel)
+    return result_map(request, redub(request, progress=report, should_cancel=should_cancel))
+
+
+def result_map(request: RedubRequest, result: RedubResult) -> dict:
+    """What PROGRESS(done) carries and RENDER/FETCH serve (§4.4), for a written ``result``."""
     return {
         "frames": result.frames,
         "rate": [result.rate.numerator, result.rate.denominator],

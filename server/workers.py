@@ -60,6 +60,14 @@ def load_runner(path: str) -> Runner:
     return getattr(importlib.import_module(module_name), name)
 
 
+def failure(err: Exception) -> dict:
+    """A failed event's data for ``err``, raised by a runner (call it in the ``except`` block)."""
+    code = next((code for cls, code in ERROR_CODES if isinstance(err, cls)), "internal")
+    text = str(err) if code != "internal" else f"{type(err).__name__}: {err}"
+    detail = traceback.format_exc() if code == "internal" else ""
+    return {"code": code, "message": text, "traceback": detail}
+
+
 def _watch_parent(parent_pid: int) -> None:
     # A worker must not outlive its server (a SIGKILLed server cannot stop it): it would finish a job the
     # restarted server runs again.
@@ -95,10 +103,7 @@ def _worker_main(conn, cancel_token, runner_path: str, device: str, precision: s
             conn.send(("cancelled", token, {}))
             continue
         except Exception as err:
-            code = next((code for cls, code in ERROR_CODES if isinstance(err, cls)), "internal")
-            text = str(err) if code != "internal" else f"{type(err).__name__}: {err}"
-            detail = traceback.format_exc() if code == "internal" else ""
-            conn.send(("failed", token, {"code": code, "message": text, "traceback": detail}))
+            conn.send(("failed", token, failure(err)))
             continue
         conn.send(("done", token, result))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
+from retalk.pipeline.segments import DEFAULT_SEGMENT_FRAMES
 from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 
 DEFAULT_SERVER = "tcp://127.0.0.1:7878"
@@ -53,6 +54,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--server-key", type=Path, help="the server's *.key_secret (from `retalk keys`)")
     serve.add_argument("--allow", type=Path, help="folder of allowed client public *.key files")
     serve.add_argument("--runner", default=None, help="advanced: the job runner as module:function")
+    # the render farm (retalk_server.ray_pool; README: Render farm)
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="render on a Ray cluster: its ADDRESS (default $RAY_ADDRESS, or the cluster `ray start --head` "
+        "made here), or `local` to start one on this machine; --workers is then ignored",
+    )
+    serve.add_argument(
+        "--segment-frames",
+        type=int,
+        default=DEFAULT_SEGMENT_FRAMES,
+        help="with --ray: longer jobs are split into segments of this many frames, rendered in parallel",
+    )
+    serve.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=4,
+        help="with --ray on a cluster without GPUs: CPUs of one worker",
+    )
     serve.set_defaults(func=run_serve)
 
     keys = subparsers.add_parser("keys", help="make a CURVE key pair for the server or a client")
@@ -136,7 +158,25 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if args.state_dir is not None:
         config.state_dir = args.state_dir
-    server = Server(config)
+    pool = None
+    if args.ray is not None:  # the render farm: Ray is imported only here
+        from retalk_server.ray_pool import RayPool
+
+        pool = RayPool(
+            args.ray,
+            state_dir=config.state_dir,
+            device=args.device,
+            precision=args.precision,
+            segment_frames=args.segment_frames,
+            cpus_per_worker=args.cpus_per_worker,
+            max_attempts=args.retries,
+        )
+    try:
+        server = Server(config, pool=pool)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -194,10 +234,11 @@ def run_status(args: argparse.Namespace) -> int:
         f"queue: {' '.join(status['queue']) or 'empty'}",
         "jobs: " + (", ".join(f"{n} {state}" for state, n in sorted(status["jobs"].items())) or "none"),
     ]
-    text += [
-        f"worker {w['id']} pid {w['pid']} {w['device'] or '-'}: {w['job'] or ('idle' if w['ready'] else 'starting')}"
-        for w in status["workers"]
-    ]
+    for w in sorted(status["workers"], key=lambda w: w.get("node", "")):  # a farm's workers, node by node
+        node = f" on {w['node']}" if w.get("node") else ""
+        segment = f" frames {w['segment'][0]}-{w['segment'][1]}" if w.get("segment") else ""
+        activity = w["job"] or ("idle" if w["ready"] else "starting")
+        text.append(f"worker {w['id']}{node} pid {w['pid'] or '-'} {w['device'] or '-'}: {activity}{segment}")
     _print(args, status, "\n".join(text))
     return 0
 

@@ -370,10 +370,12 @@ def redub(
     should_cancel: Callable[[], bool] | None = None,
 ) -> RedubResult:
     """Re-dub ``request.video`` frames [start, end) with ``request.audio``; see :class:`RedubRequest`."""
-    job = prepare(request, progress, should_cancel)
-    stages = job.stages
+    return render_and_encode(prepare(request, progress, should_cancel))
 
-    # 5. render chunk by chunk and encode with the new audio
+
+def render_and_encode(job: PreparedRedub) -> RedubResult:
+    """Stage 5 of a re-dub: every output frame, chunk by chunk, encoded with the new audio into the output."""
+    stages, request = job.stages, job.request
     stages.emit("render", 0, job.frames)
     writer = job.writer(request.output, request.codec)
     try:

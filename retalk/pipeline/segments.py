@@ -52,6 +52,7 @@ def segment_path(folder: Path, codec: str, a: int, b: int) -> Path:
 def render_segment(job: PreparedRedub, a: int, b: int, path: Path) -> None:
     """Output frames [a, b) of ``job`` into ``path`` (video only), written whole or not at all."""
     writer = job.writer(path, segment_codec(job.request.codec), audio=False)
+    job.stages.emit("render", 0, b - a)
     try:
         for rendered in job.render(a, b):
             writer.write(rendered)

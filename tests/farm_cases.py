@@ -1,0 +1,315 @@
+"""The render farm's cases on a real Ray cluster: a head and two worker nodes with one fake GPU each (engines on
+the CPU), in a network namespace with only loopback. tests/test_farm.py runs this file there (`pytest -m ray`);
+run directly, outside such a namespace, every case skips.
+
+Each job's output is compared with the one-process render of the same request: frames and audio bit for bit
+(lossless codec).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from farm_support import add_node, drive, in_private_network, kill_node, ray_start, start_cluster
+from mediagen import write_face_clip, write_tone
+from server_support import ServerProcess, wait_for
+
+from retalk import media
+from retalk.pipeline import RedubRequest, redub
+
+pytestmark = pytest.mark.skipif(
+    not in_private_network(), reason="runs inside the private network namespace tests/test_farm.py makes"
+)
+ray = pytest.importorskip("ray", reason="the render farm needs Ray: pip install -e '.[ray]'")
+from retalk_server.ray_pool import RayPool  # noqa: E402  (needs Ray)
+
+FRAMES = 64  # of face1 (about 2.9 s): two segments of 32 frames, or four of 16
+TIMEOUT = 900.0  # seconds a job may take on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # nodes inherit the environment they start in: checkpoints (written when a case needs them) and a user
+    # cache of their own
+    os.environ["RETALK_CHECKPOINTS"] = str(tmp_path_factory.mktemp("checkpoints"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    cluster, _ = start_cluster(2)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def nodes(cluster):
+    """The cluster's worker nodes, two again if a case killed one."""
+    workers = [n for n in cluster.worker_nodes]
+    while len(workers) < 2:
+        workers.append(add_node(cluster))
+    cluster.wait_for_nodes()
+    return workers
+
+
+@pytest.fixture
+def make_pool(cluster, nodes, tmp_path):
+    pools = []
+
+    def make(**kwargs) -> RayPool:
+        pools.append(RayPool(cluster.address, state_dir=tmp_path / "state", device="cpu", **kwargs))
+        return pools[-1]
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(media_dir, tmp_path_factory):
+    """A media root holding face1 and the speech line, and their one-process lossless render (FRAMES frames)."""
+    root = tmp_path_factory.mktemp("media")
+    for name in ("face1.mp4", "speech1.wav"):
+        shutil.copy(media_dir / name, root / name)
+    request = RedubRequest(
+        video=root / "face1.mp4",
+        audio=root / "speech1.wav",
+        output=root.parent / "reference.mkv",
+        end=FRAMES,
+        engine="preview",
+        codec="lossless",
+        cache_dir=root.parent / "reference-cache",
+    )
+    redub(request)
+    return root, decoded(request.output)
+
+
+def decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.concatenate([chunk.frames for chunk in media.iter_frames(path)])
+    return frames, media.read_audio(path, sample_rate=48000)
+
+
+def assert_same_render(path: Path, expected: tuple[np.ndarray, np.ndarray]) -> None:
+    frames, audio = decoded(path)
+    assert frames.shape == expected[0].shape and np.array_equal(frames, expected[0]), "frames differ"
+    assert audio.shape == expected[1].shape and np.array_equal(audio, expected[1]), "audio differs"
+
+
+def job_spec(root: Path, output: Path, end: int = FRAMES, engine: str = "preview") -> dict:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return {
+        "video": str(root / "face1.mp4"),
+        "audio": str(root / "speech1.wav"),
+        "output": str(output),
+        "start": 0,
+        "end": end,
+        "audio_offset": "0",
+        "engine": engine,
+        "options": {"codec": "lossless"},
+    }
+
+
+def busy(pool: RayPool) -> list[dict]:
+    """Workers rendering a segment now."""
+    return [w for w in pool.describe() if w["segment"] and w["progress"] and w["progress"][0] == "render"]
+
+
+def test_every_node_is_on_loopback_in_a_namespace_with_no_other_interface(cluster):
+    assert in_private_network()
+    ray.init(address=cluster.address)
+    try:
+        addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+    finally:
+        ray.shutdown()
+    assert addresses == {"127.0.0.1"} and cluster.address.startswith("127.0.0.1:")
+
+
+def test_a_split_preview_job_across_two_nodes_equals_the_one_process_render(make_pool, inputs, tmp_path):
+    root, expected = inputs
+    pool = make_pool(segment_frames=16)
+    nodes_rendering, progress = set(), []
+
+    def watch(pool, events):
+        nodes_rendering.update(w["node"] for w in pool.describe() if w["segment"])
+        progress.extend(e.data for e in events if e.kind == "progress" and e.data["stage"] == "render")
+
+    output = tmp_path / "job" / "out.mkv"
+    _, final = drive(pool, "split", job_spec(root, output), timeout=TIMEOUT, on_poll=watch)
+    assert final.kind == "done", final.data
+    assert final.data["frames"] == FRAMES
+    assert_same_render(output, expected)
+    assert len(nodes_rendering) == 2, f"segments ran on {nodes_rendering}"
+    # PROGRESS sums the segments: one total, never going back
+    assert {p["total"] for p in progress} == {FRAMES}
+    done = [p["done"] for p in progress]
+    assert done == sorted(done) and done[-1] >= FRAMES - 16
+    assert not output.with_name("out.mkv.segments").exists()  # segments removed once joined
+
+
+def test_a_split_neural_job_across_two_nodes_equals_the_one_process_render(make_pool, tmp_path):
+    """Two frames in segments of one (synthetic checkpoints are slow on a CPU). The one-process render fills the
+    stage cache the farm uses, as a first take would: the farm's prepare step finds the track and references
+    there, and each node renders its frame with the same number of threads."""
+    checkpoints = os.environ["RETALK_CHECKPOINTS"]
+    subprocess.run(
+        [sys.executable, "-m", "retalk", "models", "synth", checkpoints], check=True, capture_output=True
+    )
+    clip = write_face_clip(tmp_path / "clip.mkv", n_frames=2, codec="lossless")
+    line = write_tone(tmp_path / "line.wav", 2 / 25)
+    state = tmp_path / "state"
+    reference = tmp_path / "reference.mkv"
+    command = [sys.executable, "-m", "retalk", "redub", "--video", str(clip), "--audio", str(line)]
+    command += ["-o", str(reference), "--engine", "neural", "--codec", "lossless", "--device", "cpu"]
+    # on a CPU the sums inside a network depend on its thread count: one, as on the one-CPU nodes
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [*command, "--cache-dir", str(state / "cache")], check=True, capture_output=True, env=one_thread
+    )
+
+    pool = make_pool(segment_frames=1)
+    nodes_rendering = set()
+    spec = {
+        "video": str(clip),
+        "audio": str(line),
+        "output": str(tmp_path / "job" / "out.mkv"),
+        "start": 0,
+        "end": None,
+        "audio_offset": "0",
+        "engine": "neural",
+        "options": {"codec": "lossless"},
+    }
+    (tmp_path / "job").mkdir()
+    _, final = drive(
+        pool,
+        "neural",
+        spec,
+        timeout=TIMEOUT,
+        on_poll=lambda pool, _: nodes_rendering.update(w["node"] for w in pool.describe() if w["segment"]),
+    )
+    assert final.kind == "done", final.data
+    assert final.data["engine"] == "neural"
+    assert_same_render(Path(spec["output"]), decoded(reference))
+    assert len(nodes_rendering) == 2, f"segments ran on {nodes_rendering}"
+
+
+def test_a_segment_of_a_killed_node_runs_again_elsewhere_and_the_job_completes_once(
+    make_pool, cluster, nodes, inputs, tmp_path, caplog
+):
+    root, expected = inputs
+    pool = make_pool(segment_frames=32)  # two chunks a segment: a kill can land between them
+    killed = []
+
+    def kill_mid_segment(pool, events):
+        if killed:
+            return
+        for worker in busy(pool):
+            if 0 < worker["progress"][1] < worker["progress"][2]:
+                node = next(n for n in nodes if n.node_id[:8] in worker["node"])
+                kill_node(cluster, node)
+                killed.append(worker)
+                return
+
+    caplog.set_level(logging.WARNING, logger="retalk.server.farm")
+    output = tmp_path / "job" / "out.mkv"
+    seen, final = drive(pool, "kill", job_spec(root, output), timeout=TIMEOUT, on_poll=kill_mid_segment)
+    assert killed, "no segment was caught half-way"
+    a, b = killed[0]["segment"]
+    assert final.kind == "done", final.data
+    assert f"segment [{a}, {b}) failed (the worker on" in caplog.text and "running it again" in caplog.text
+    assert [e.kind for e in seen if e.kind != "progress"] == ["done"]
+    time.sleep(1.0)
+    assert [e for e in pool.poll() if e.job == "kill"] == []  # nothing more: the job ended once
+    assert_same_render(output, expected)
+
+
+def test_cancel_stops_every_segment(make_pool, inputs, tmp_path):
+    root, _ = inputs
+    pool = make_pool(segment_frames=32)
+    running = []
+
+    def cancel_when_both_render(pool, events):
+        """Cancel while both segments run and each has a chunk left (a chunk takes far longer than a cancel)."""
+        segments = [w for w in pool.describe() if w["segment"]]
+        unfinished = [w for w in segments if w["progress"] is None or w["progress"][1] < w["progress"][2]]
+        if not running and len(segments) == 2 and len(unfinished) == 2:
+            running.extend(w["segment"] for w in segments)
+            pool.cancel("cancel")
+
+    output = tmp_path / "job" / "out.mkv"
+    _, final = drive(pool, "cancel", job_spec(root, output), timeout=TIMEOUT, on_poll=cancel_when_both_render)
+    assert running, "the two workers never rendered at the same time"
+    assert final.kind == "cancelled"
+    wait_for(lambda: all(w["job"] is None for w in pool.describe()), 30, "every worker to stop")
+    written = sorted(p.name for p in output.with_name("out.mkv.segments").rglob("*.mkv"))
+    assert not any(f"{a:08d}-{b:08d}.mkv" in written for a, b in running), written
+    assert not output.exists()
+
+
+class ServerKilled(Exception):
+    pass
+
+
+def test_a_server_restarted_mid_job_resumes_from_its_journal(cluster, nodes, inputs, tmp_path):
+    from retalk_protocol.client import Client
+
+    root, expected = inputs
+    state = tmp_path / "state"
+    args = ("--ray", cluster.address, "--segment-frames", "16", "--device", "cpu")
+    server = ServerProcess(state, root, *args)
+    try:
+        with Client(server.endpoint, name="farm", timeout=120) as client:
+            job = client.submit(
+                "face1.mp4", "speech1.wav", end=FRAMES, engine="preview", options={"codec": "lossless"}
+            )
+            halfway = []
+
+            def kill_when_two_segments_are_done(event):
+                if event.get("stage") == "render" and 32 <= event["done"] < FRAMES:
+                    halfway.append(event["done"])
+                    server.kill()  # SIGKILL mid-job: the journal and the segment files are all that survive
+                    raise ServerKilled
+
+            with pytest.raises(ServerKilled):
+                client.wait(job, timeout=TIMEOUT, on_progress=kill_when_two_segments_are_done)
+    finally:
+        server.kill()
+    restarted = ServerProcess(state, root, *args)
+    try:
+        with Client(restarted.endpoint, name="farm", timeout=120) as client:
+            workers = client.status()["workers"]
+            final = client.wait(job, timeout=TIMEOUT)
+        assert len({w["node"] for w in workers}) == 2, workers  # STATUS: the workers, node by node
+        assert final["state"] == "done", final
+        assert final["attempt"] == 1  # a run cut short by the crash is not counted (§8.2)
+        assert "segment(s) kept from an earlier run" in restarted.log.read_text()
+        assert_same_render(state / "jobs" / job / "result.mkv", expected)
+    finally:
+        restarted.stop()
+
+
+def test_a_node_that_cannot_see_the_media_gives_the_clear_error(make_pool, cluster, inputs, tmp_path):
+    root, _ = inputs
+    ray.init(address=cluster.address)
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    ray.shutdown()
+    log = tmp_path / "hidden-node.log"
+    node = ray_start(cluster.address, "--num-gpus", "1", "--num-cpus", "1", mount_over=root, log=log)
+    try:
+        pool = make_pool(segment_frames=32)
+        wait_for(
+            lambda: len([w for w in pool.describe() if w["ready"]]) == 3 or pool.poll(), 120, "3 workers"
+        )
+        hidden = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
+        assert len(hidden) == 1, log.read_text()[-2000:]
+        _, final = drive(pool, "hidden", job_spec(root, tmp_path / "job" / "out.mkv"), timeout=TIMEOUT)
+        assert final.kind == "failed" and final.data["code"] == "media", final.data
+        message = final.data["message"]
+        assert f"{hidden.pop()[:8]}) cannot read the job's video {root / 'face1.mp4'}" in message
+        assert "every node mounts at the same path (README: Render farm)" in message
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
