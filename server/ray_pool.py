@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retalk_server.runner import request_from_spec, result_map
-from retalk_server.workers import WorkerEvent, failure
+from retalk_server.workers import ERROR_CODES, WorkerEvent, failure
 
 import retalk
 from retalk.errors import CancelledError, InputError, MediaError
@@ -52,7 +52,7 @@ except ImportError:
 
 log = logging.getLogger("retalk.server.farm")
 
-FINAL_CODES = ("invalid", "media", "checkpoint")  # the input's fault: no other machine would do better
+FINAL_CODES = tuple(code for _, code in ERROR_CODES)  # the input's fault: no other machine would do better
 RECONCILE_SECONDS = 2.0  # how often the pool looks for nodes that joined or left
 CHECK_SECONDS = 30.0  # a node silent this long on the storage check has a hung mount
 SHARED_STORAGE = (
