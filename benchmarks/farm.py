@@ -26,23 +26,9 @@ from retalk.shared import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # farm_support: the namespace and cluster the farm tests use
-from farm_support import drive, in_private_network, run_in_private_network, start_cluster  # noqa: E402
+from farm_support import drive, in_private_network, job_spec, run_in_private_network, start_cluster  # noqa: E402
 
 SHARED = shared_dir() / "media"
-
-
-def job_spec(folder: Path, frames: int, codec: str) -> dict:
-    (folder / "job").mkdir(parents=True)
-    return {
-        "video": str(SHARED / "face1.mp4"),
-        "audio": str(SHARED / "speech1.wav"),
-        "output": str(folder / "job" / f"out{media.default_extension(codec)}"),
-        "start": 0,
-        "end": frames,
-        "audio_offset": "0",
-        "engine": "preview",
-        "options": {"codec": codec},
-    }
 
 
 def farm_run(workers: int, frames: int, segment_frames: int, codec: str) -> dict:
@@ -65,7 +51,9 @@ def farm_run(workers: int, frames: int, segment_frames: int, codec: str) -> dict
             pool.poll()
             time.sleep(0.1)
         start = time.perf_counter()
-        _, final = drive(pool, "bench", job_spec(folder, frames, codec), timeout=3600, on_poll=mark)
+        output = folder / "job" / f"out{media.default_extension(codec)}"
+        spec = job_spec(SHARED / "face1.mp4", SHARED / "speech1.wav", output, end=frames, codec=codec)
+        _, final = drive(pool, "bench", spec, timeout=3600, on_poll=mark)
         end = time.perf_counter()
         if final.kind != "done":
             raise SystemExit(f"the benchmark job ended {final.kind}: {final.data}")

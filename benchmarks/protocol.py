@@ -50,7 +50,7 @@ def bench(endpoint: str, folder: Path, n_frames: int) -> None:
         with Client(bound, name="bench", timeout=600) as client:
             started = time.perf_counter()
             job = client.submit("clip.mkv", "speech.wav", engine="preview", options={"codec": "lossless"})
-            final = client.wait(job)
+            final = client.follow(job)
             job_seconds = time.perf_counter() - started
             assert final["state"] == "done", final
             result = folder / f"state-{endpoint.split(':')[0]}" / "jobs" / job / "result.mkv"

@@ -1,5 +1,7 @@
-"""retalk_protocol: the RTP/1 wire protocol (PROTOCOL.md), its codec and its client. Python >= 3.8, pyzmq + msgpack."""
+"""retalk_protocol: the RTP/1 wire protocol (PROTOCOL.md), its codec, its client and the job options table.
 
-from . import client, codec
+Python >= 3.8 on pyzmq + msgpack. Submodules are imported where used (``from retalk_protocol import codec``):
+the options table alone needs neither.
+"""
 
-__all__ = ["client", "codec"]
+__all__ = ["client", "codec", "options"]

@@ -17,13 +17,20 @@ from . import codec
 from .codec import Message, ProtocolError
 
 _EVENT_BACKLOG = 1000  # progress events kept while nobody reads them; the oldest go first
+CONNECT_TIMEOUT = 5.0  # seconds HELLO waits for WELCOME: a server that is not running is reported this soon
+# Following a job (follow()): the one waiting policy of every host.
+FOLLOW_STEP = 0.1  # seconds between looks at the cancel request
+SILENT_BEATS = 3  # heartbeats without news of the job after which it is WATCHed again
+UPLOAD_MODES = ("auto", "always", "never")
+_UPLOAD_ON = ("forbidden", "not-found")  # SUBMIT errors of paths the server cannot read (§6.2)
 
 
 class Client:
     """A session with a retalk server.
 
     ``server_key`` (z85 public key of the server) turns CURVE on; ``client_key`` is then this client's
-    ``(public, secret)`` pair, whose public half must be in the server's allow-list (§2.2).
+    ``(public, secret)`` pair, whose public half must be in the server's allow-list (§2.2). ``timeout``: seconds
+    a request waits for its reply; ``connect_timeout``: seconds ``connect()`` waits (at most ``timeout``).
     """
 
     def __init__(
@@ -34,12 +41,14 @@ class Client:
         server_key: bytes | None = None,
         client_key: tuple | None = None,
         timeout: float = 30.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         max_message: int = 256 * 1024 * 1024,
         context: zmq.Context | None = None,
     ):
         self.endpoint = endpoint
         self.name = name
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.welcome: dict = {}
         self.events = collections.deque(maxlen=_EVENT_BACKLOG)
         self._heartbeat = 1.0
@@ -60,8 +69,21 @@ class Client:
 
     # -- session ---------------------------------------------------------------------------------------------
     def connect(self) -> dict:
-        """HELLO → WELCOME (§4.1); returns the server's capabilities."""
-        reply = self.request("HELLO", versions=list(codec.SUPPORTED_VERSIONS), client=self.name)
+        """HELLO → WELCOME (§4.1); returns the server's capabilities. A server that does not answer within
+        ``connect_timeout`` is reported as not running (ProtocolError "timeout")."""
+        wait = min(self.timeout, self.connect_timeout)
+        try:
+            reply = self.request(
+                "HELLO", timeout=wait, versions=list(codec.SUPPORTED_VERSIONS), client=self.name
+            )
+        except ProtocolError as err:
+            if err.code != "timeout":
+                raise
+            raise ProtocolError(
+                "timeout",
+                f"no answer from {self.endpoint} within {wait:g} s: is `retalk serve` running there, "
+                "and is this client's key allowed?",
+            ) from None
         self.welcome = dict(reply.fields)
         self._heartbeat = float(self.welcome.get("heartbeat", 1.0))
         return self.welcome
@@ -74,19 +96,25 @@ class Client:
         self._socket.close()
 
     def __enter__(self) -> Client:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # -- transport -------------------------------------------------------------------------------------------
-    def _send(self, frames: list) -> None:
+    def _send(self, frames: list, timeout: float | None = None) -> None:
         # A DEALER blocks while it has no connection (server down, CURVE key refused): wait bounded instead.
-        if not self._socket.poll(int(self.timeout * 1000), zmq.POLLOUT):
+        wait = self.timeout if timeout is None else timeout
+        if not self._socket.poll(int(wait * 1000), zmq.POLLOUT):
             raise ProtocolError(
                 "timeout",
-                f"cannot reach {self.endpoint}: is `retalk serve` running there, and is this client's key allowed?",
+                f"cannot reach {self.endpoint} within {wait:g} s: is `retalk serve` running there, "
+                "and is this client's key allowed?",
             )
         self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         self._last_send = time.monotonic()
@@ -98,14 +126,15 @@ class Client:
             if now >= deadline:
                 raise ProtocolError(
                     "timeout",
-                    f"no reply from {self.endpoint} in time; is `retalk serve` running there?",
+                    f"no reply from {self.endpoint} in time: is `retalk serve` running there, "
+                    "and is this client's key allowed?",
                 )
             if now - self._last_send >= self._heartbeat:
                 self._send(codec.encode("HEARTBEAT"))
             wait = min(deadline - now, self._heartbeat)
             if self._socket.poll(max(1, int(wait * 1000)), zmq.POLLIN):
                 frames = self._socket.recv_multipart(copy=False)
-                message = codec.decode(frames)
+                message = codec.decode(frames, sender="server")
                 message.payloads = [frame.buffer for frame in message.payloads]
                 if message.type != "HEARTBEAT":
                     return message
@@ -122,7 +151,8 @@ class Client:
         # anything else answers a request that already timed out: dropped
 
     def request(self, msg_type: str, payloads: tuple = (), timeout: float | None = None, **fields) -> Message:
-        """Send a request and return its reply; an ERROR reply raises ProtocolError with its code (§7)."""
+        """Send a request and return its reply; an ERROR reply (which carries the request's ``req``, §7.1)
+        raises ProtocolError with its code at once."""
         try:
             return self._request_once(msg_type, payloads, timeout, fields)
         except ProtocolError as err:
@@ -136,17 +166,15 @@ class Client:
     def _request_once(self, msg_type: str, payloads: tuple, timeout: float | None, fields: dict) -> Message:
         req = self._next_req
         self._next_req += 1
-        self._send(codec.encode(msg_type, req, payloads, **fields))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        self._send(codec.encode(msg_type, req, payloads, **fields), wait)
+        deadline = time.monotonic() + wait
         while True:
             message = self._receive(deadline)
             if message.req != req:
                 self._dispatch(message)
                 continue
-            if message.type == "ERROR":
-                raise ProtocolError(
-                    message["code"], message["message"], message["retryable"], req, **_extra(message.fields)
-                )
+            _raise_error(message)
             return message
 
     def next_event(self, timeout: float | None = None) -> Message | None:
@@ -173,21 +201,23 @@ class Client:
         upload, chunk, window = ready["upload"], max(1, ready["chunk"]), max(1, ready["credit"])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         sent = acked = 0
+        # Every chunk carries the UPLOAD's req, so every reply of this upload (UPLOAD_ACK, UPLOADED, ERROR)
+        # carries it too (§4.2).
         with open(path, "rb") as fh:
             while True:
                 while sent < size and (sent - acked) < window * chunk:
                     data = fh.read(chunk)
-                    self._send(codec.encode("UPLOAD_CHUNK", 0, [data], upload=upload, offset=sent))
+                    self._send(codec.encode("UPLOAD_CHUNK", ready.req, [data], upload=upload, offset=sent))
                     sent += len(data)
                 message = self._receive(deadline)
-                if message.type == "UPLOAD_ACK" and message["upload"] == upload:
-                    acked = message["received"]
-                elif message.type == "UPLOADED" and message["upload"] == upload:
-                    return upload
-                elif message.type == "ERROR" and message.req in (0, ready.req):
-                    raise ProtocolError(message["code"], message["message"], message["retryable"])
-                else:
+                if message.req != ready.req:
                     self._dispatch(message)
+                    continue
+                _raise_error(message)
+                if message.type == "UPLOADED":
+                    return upload
+                if message.type == "UPLOAD_ACK":
+                    acked = message["received"]
 
     def submit(
         self,
@@ -217,37 +247,93 @@ class Client:
         )
         return reply["job"]
 
+    def submit_or_upload(
+        self, clip: str, audio: str, *, upload: str = "auto", on_upload=None, **fields
+    ) -> str:
+        """SUBMIT (§4.3) of local files: named by path where the server can read them (§6.2), uploaded (§4.2)
+        where it cannot. Returns the job id.
+
+        A file that exists here is named by its absolute path; any other name is the server's to resolve
+        (relative to its first media root). ``upload``: "auto" uploads both files when the server refuses
+        the paths (``forbidden`` or ``not-found``) and both exist here; "always" uploads at once; "never"
+        raises the server's refusal. ``on_upload()`` is called before uploading; ``fields`` are submit()'s.
+        """
+        if upload not in UPLOAD_MODES:
+            raise ValueError(f"upload={upload!r}: expected one of {', '.join(UPLOAD_MODES)}")
+        if upload != "always":
+            try:
+                return self.submit(_named(clip), _named(audio), **fields)
+            except ProtocolError as err:
+                local = os.path.isfile(clip) and os.path.isfile(audio)
+                if upload == "never" or err.code not in _UPLOAD_ON or not local:
+                    raise
+        if on_upload is not None:
+            on_upload()
+        return self.submit({"upload": self.upload(clip)}, {"upload": self.upload(audio)}, **fields)
+
     def watch(self, job: str) -> Message:
         """Subscribe to a job's PROGRESS events; returns its current state (§4.5)."""
         return self.request("WATCH", job=job)
 
-    def wait(self, job: str, timeout: float | None = None, on_progress=None) -> dict:
-        """Block until the job ends; returns its final PROGRESS fields. ``on_progress(fields)`` sees each event."""
-        current = self.watch(job)
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def follow(self, job: str, *, cancel=None, on_progress=None, timeout: float | None = None) -> dict:
+        """Follow a job until it ends (§4.4); returns its final PROGRESS fields.
+
+        The one waiting policy of every host: events are awaited in steps of ``FOLLOW_STEP`` seconds; after
+        ``SILENT_BEATS`` heartbeats without news of the job it is WATCHed again (a quiet server answers, a
+        restarted one re-subscribes this session). ``cancel()`` is asked every step; once it is true, CANCEL
+        is sent (once) and the job is followed to its end (``cancelled``, or ``done``/``failed`` when it ended
+        first). ``on_progress(fields)`` sees each new state, the final one included. ``timeout``: seconds
+        for the whole job (ProtocolError "timeout" past it; default: no limit).
+        """
+        silence = self._heartbeat * SILENT_BEATS
+        current, heard = self.watch(job).fields, time.monotonic()
+        deadline = None if timeout is None else heard + timeout
+        shown, cancel_sent = None, False
         while True:
-            if on_progress is not None:
-                on_progress(current.fields)
+            if on_progress is not None and current != shown:
+                on_progress(current)
+                shown = current
             if current["state"] in codec.FINAL_STATES:
-                return current.fields
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ProtocolError("timeout", f"job {job} did not finish in {timeout} s")
-            event = self.next_event(
-                timeout=self._heartbeat * 3 if left is None else min(left, self._heartbeat * 3)
-            )
-            if event is None:
-                current = self.watch(job)  # a quiet server: ask again (also re-subscribes after a restart)
-            elif event["job"] == job:
-                current = event
+                return current
+            if cancel is not None and not cancel_sent and cancel():
+                cancel_sent = True
+                state = self._cancel_once(job)
+                if state in codec.FINAL_STATES:  # a queued job ends at once
+                    current = dict(current, state=state)
+                    continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise ProtocolError("timeout", f"job {job} did not end within {timeout:g} s")
+            step = silence - (now - heard)
+            if cancel is not None and not cancel_sent:
+                step = min(step, FOLLOW_STEP)
+            if deadline is not None:
+                step = min(step, deadline - now)
+            event = self.next_event(timeout=max(0.0, step))
+            if event is not None and event["job"] == job:
+                current, heard = event.fields, time.monotonic()
+            elif time.monotonic() - heard >= silence:
+                current, heard = self.watch(job).fields, time.monotonic()
+
+    def _cancel_once(self, job: str) -> str | None:
+        """CANCEL for follow(): the job's state after it, or None when it had just ended (its end follows)."""
+        try:
+            return self.cancel(job)
+        except ProtocolError as err:
+            if err.code != "invalid":
+                raise
+            return None
 
     def status(self) -> dict:
         return dict(self.request("STATUS").fields)
 
-    def list_jobs(self, states: list | None = None, limit: int = 100) -> list:
-        fields = {"limit": limit}
+    def list_jobs(self, states: list | None = None, limit: int = 100, job: str | None = None) -> list:
+        """LIST (§4.5): the newest jobs first, at most ``limit``, only ``states`` or only ``job`` if given."""
+        fields: dict = {"limit": limit}
         if states:
             fields["states"] = list(states)
+        if job is not None:
+            fields["job"] = job
         return self.request("LIST", **fields)["jobs"]
 
     def cancel(self, job: str) -> str:
@@ -279,22 +365,19 @@ class Client:
                     else:
                         self._dispatch(message)
                 message = queue.popleft()
-                if message.type == "ERROR":
+                if message.type in ("ERROR", "END"):
                     ended = True
-                    raise ProtocolError(
-                        message["code"], message["message"], message["retryable"], message.req
-                    )
-                if message.type == "END":
-                    ended = True
+                    _raise_error(message)
                     return
                 yield message
                 consumed += 1
+                # CREDIT and ABORT carry the stream's req: so do their errors (§4.8)
                 if consumed * 2 >= window:
-                    self._send(codec.encode("CREDIT", 0, stream=stream, credit=consumed))
+                    self._send(codec.encode("CREDIT", reply.req, stream=stream, credit=consumed))
                     consumed = 0
         finally:
             if not ended and not self._socket.closed:
-                self._send(codec.encode("ABORT", 0, stream=stream))
+                self._send(codec.encode("ABORT", reply.req, stream=stream))
             del self._streams[stream]
             del self._stream_of_req[reply.req]
 
@@ -357,8 +440,16 @@ def _media_ref(value) -> dict:
     return {"path": os.fspath(value)}
 
 
-def _extra(fields: dict) -> dict:
-    return {k: v for k, v in fields.items() if k not in ("code", "message", "retryable")}
+def _named(path: str) -> str:
+    """A file that exists here by its absolute path; any other name as given, for the server to resolve."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def _raise_error(message: Message) -> None:
+    """An ERROR reply as the ProtocolError it reports (§7); any other message passes."""
+    if message.type == "ERROR":
+        extra = {k: v for k, v in message.fields.items() if k not in ("code", "message", "retryable")}
+        raise ProtocolError(message["code"], message["message"], message["retryable"], message.req, **extra)
 
 
 def frame_array(message: Message):

@@ -1,4 +1,4 @@
-"""RTP/1 codec: one msgpack header frame plus raw payload frames (PROTOCOL.md §3, §4, §7).
+"""RTP/1 codec: one msgpack header frame plus raw payload frames (PROTOCOL.md §3, §4, §7, §9).
 
 Pure Python on msgpack only, valid on Python 3.8 (host applications import it). Every size is bounded before
 it is allocated and every field is type-checked, so a hostile peer gets a ProtocolError, never a crash.
@@ -57,7 +57,7 @@ class ProtocolError(Exception):
         self.extra = extra
 
 
-# Field kinds; a trailing "?" also allows nil.
+# Field kinds (§3.3); a trailing "?" also allows nil.
 _CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "uint": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
@@ -83,19 +83,37 @@ _CHECKS = {
     ),
 }
 
-# type -> (required fields, optional fields, payload frames). §4 is the source of each line.
+# type -> (sender, required fields, optional fields, payload frames); §9 lists the same, §4 explains each.
+# The sender is "client", "server" or "both"; a message from the wrong side is `unknown-type` there (§7.1).
 SCHEMAS = {
     # §4.1
-    "HELLO": ({"versions": "ints"}, {"client": "str"}, 0),
-    "WELCOME": ({"version": "int", "server": "str"}, {}, 0),
+    "HELLO": ("client", {"versions": "ints"}, {"client": "str"}, 0),
+    "WELCOME": (
+        "server",
+        {
+            "version": "int",
+            "server": "str",
+            "engines": "strs",
+            "formats": "strs",
+            "codecs": "strs",
+            "options": "list",
+            "limits": "map",
+            "heartbeat": "num",
+            "timeout": "num",
+            "retention": "num",
+        },
+        {},
+        0,
+    ),
     # §4.2
-    "UPLOAD": ({"name": "str", "size": "uint", "sha256": "str"}, {}, 0),
-    "UPLOAD_READY": ({"upload": "str", "chunk": "uint", "credit": "uint"}, {}, 0),
-    "UPLOAD_CHUNK": ({"upload": "str", "offset": "uint"}, {}, 1),
-    "UPLOAD_ACK": ({"upload": "str", "received": "uint"}, {}, 0),
-    "UPLOADED": ({"upload": "str", "size": "uint"}, {}, 0),
+    "UPLOAD": ("client", {"name": "str", "size": "uint", "sha256": "str"}, {}, 0),
+    "UPLOAD_READY": ("server", {"upload": "str", "chunk": "uint", "credit": "uint"}, {}, 0),
+    "UPLOAD_CHUNK": ("client", {"upload": "str", "offset": "uint"}, {}, 1),
+    "UPLOAD_ACK": ("server", {"upload": "str", "received": "uint"}, {}, 0),
+    "UPLOADED": ("server", {"upload": "str", "size": "uint"}, {}, 0),
     # §4.3
     "SUBMIT": (
+        "client",
         {"clip": "media", "audio": "media"},
         {
             "start": "uint",
@@ -108,19 +126,49 @@ SCHEMAS = {
         },
         0,
     ),
-    "ACCEPTED": ({"job": "str"}, {"position": "uint"}, 0),
+    "ACCEPTED": ("server", {"job": "str", "position": "uint"}, {}, 0),
     # §4.4
-    "PROGRESS": ({"job": "str", "state": "str"}, {}, 0),
+    "PROGRESS": (
+        "server",
+        {
+            "job": "str",
+            "state": "str",
+            "stage": "str",
+            "done": "uint",
+            "total": "uint",
+            "eta": "num?",
+            "attempt": "uint",
+            "error": "map?",
+            "result": "map?",
+        },
+        {},
+        0,
+    ),
     # §4.5
-    "WATCH": ({"job": "str"}, {}, 0),
-    "STATUS": ({}, {}, 0),
-    "STATUS_REPLY": ({}, {}, 0),
-    "LIST": ({}, {"states": "strs", "limit": "uint"}, 0),
-    "JOBS": ({"jobs": "list"}, {}, 0),
-    "CANCEL": ({"job": "str"}, {}, 0),
-    "CANCELLED": ({"job": "str", "state": "str"}, {}, 0),
+    "WATCH": ("client", {"job": "str"}, {}, 0),
+    "STATUS": ("client", {}, {}, 0),
+    "STATUS_REPLY": (
+        "server",
+        {
+            "server": "str",
+            "queue": "strs",
+            "workers": "list",
+            "devices": "strs",
+            "jobs": "map",
+            "clients": "uint",
+            "streams": "uint",
+            "uptime": "num",
+        },
+        {},
+        0,
+    ),
+    "LIST": ("client", {}, {"states": "strs", "job": "str", "limit": "uint"}, 0),
+    "JOBS": ("server", {"jobs": "list", "more": "bool"}, {}, 0),
+    "CANCEL": ("client", {"job": "str"}, {}, 0),
+    "CANCELLED": ("server", {"job": "str", "state": "str"}, {}, 0),
     # §4.6, §4.7
     "RENDER": (
+        "client",
         {"job": "str"},
         {
             "first": "uint?",
@@ -132,24 +180,54 @@ SCHEMAS = {
         },
         0,
     ),
-    "FETCH": ({"job": "str"}, {"credit": "uint"}, 0),
-    "STREAM": ({"stream": "str", "job": "str", "credit": "uint"}, {}, 0),
-    "AUDIO": ({"stream": "str", "rate": "uint", "sample": "uint"}, {}, 1),
-    "FRAME": (
-        {"stream": "str", "index": "uint", "time": "rational", "width": "uint", "height": "uint"},
+    "FETCH": ("client", {"job": "str"}, {"credit": "uint"}, 0),
+    "STREAM": (
+        "server",
+        {"stream": "str", "job": "str", "credit": "uint"},
+        {
+            "first": "uint",
+            "last": "uint",
+            "frames": "uint",
+            "width": "uint",
+            "height": "uint",
+            "rate": "rational",
+            "format": "str",
+            "size": "uint",
+            "sha256": "str",
+            "codec": "str",
+            "extension": "str",
+        },
+        0,
+    ),
+    "AUDIO": (
+        "server",
+        {"stream": "str", "rate": "uint", "channels": "uint", "sample": "uint", "format": "str"},
         {},
         1,
     ),
-    "CHUNK": ({"stream": "str", "offset": "uint"}, {}, 1),
-    "END": ({"stream": "str", "count": "uint"}, {}, 0),
+    "FRAME": (
+        "server",
+        {
+            "stream": "str",
+            "index": "uint",
+            "time": "rational",
+            "width": "uint",
+            "height": "uint",
+            "format": "str",
+        },
+        {},
+        1,
+    ),
+    "CHUNK": ("server", {"stream": "str", "offset": "uint"}, {}, 1),
+    "END": ("server", {"stream": "str", "count": "uint"}, {}, 0),
     # §4.8
-    "CREDIT": ({"stream": "str", "credit": "uint"}, {}, 0),
-    "ABORT": ({"stream": "str"}, {}, 0),
+    "CREDIT": ("client", {"stream": "str", "credit": "uint"}, {}, 0),
+    "ABORT": ("client", {"stream": "str"}, {}, 0),
     # §4.9
-    "HEARTBEAT": ({}, {}, 0),
-    "BYE": ({}, {}, 0),
+    "HEARTBEAT": ("both", {}, {}, 0),
+    "BYE": ("client", {}, {}, 0),
     # §7
-    "ERROR": ({"code": "str", "message": "str", "retryable": "bool"}, {}, 0),
+    "ERROR": ("server", {"code": "str", "message": "str", "retryable": "bool"}, {"supported": "ints"}, 0),
 }
 
 
@@ -200,8 +278,43 @@ def _buffer(frame) -> memoryview:
     return memoryview(getattr(frame, "buffer", frame))
 
 
-def decode(frames: list) -> Message:
-    """Parse and validate one message (without the ROUTER identity). Raises ProtocolError (§7)."""
+_BOUNDS = dict(
+    max_str_len=_MAX_STR, max_bin_len=_MAX_STR, max_array_len=_MAX_ARRAY, max_map_len=_MAX_MAP, max_ext_len=0
+)
+
+
+def read_req(raw) -> int:
+    """The header's ``req`` wherever the bytes let it be read, else 0 (§7.1).
+
+    Readable means: the first ``MAX_HEADER_BYTES`` of ``raw`` start a msgpack map (within the §6.1 bounds)
+    whose ``req`` entry, reached before any malformed byte, is an integer 0 <= req < 2**64. Other entries
+    are skipped without being built, so this costs nothing on hostile bytes.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_HEADER_BYTES, **_BOUNDS)
+    unpacker.feed(_buffer(raw)[:MAX_HEADER_BYTES])
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "req":
+                req = unpacker.unpack()
+                return req if _CHECKS["uint"](req) else 0
+            unpacker.skip()
+    except Exception:  # truncated, malformed or out of bounds before `req`: unreadable
+        pass
+    return 0
+
+
+def sent_by(msg_type: str, side: str) -> bool:
+    """Whether ``side`` ("client" or "server") sends messages of ``msg_type`` (§9)."""
+    return SCHEMAS[msg_type][0] in (side, "both")
+
+
+def decode(frames: list, sender: str | None = None) -> Message:
+    """Parse and validate one message (without the ROUTER identity). Raises ProtocolError (§7).
+
+    Checks run in the order of §7.1 and the first failure is the error; it carries the header's ``req``
+    whenever that can be read (``read_req``). ``sender`` ("client" or "server"): the side the message comes
+    from; a type that side does not send is ``unknown-type``.
+    """
     if not frames:
         raise ProtocolError(
             "bad-message", "empty message: expected a msgpack header frame (PROTOCOL.md §3.1)"
@@ -211,27 +324,23 @@ def decode(frames: list) -> Message:
         raise ProtocolError(
             "too-large",
             f"header of {raw.nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (§6.1)",
+            req=read_req(raw),
         )
     try:
-        header = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=_MAX_STR,
-            max_bin_len=_MAX_STR,
-            max_array_len=_MAX_ARRAY,
-            max_map_len=_MAX_MAP,
-            max_ext_len=0,
-        )
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, **_BOUNDS)
     except ValueError as err:  # msgpack's limit, format, extra-data and UTF-8 errors are all ValueErrors
-        raise ProtocolError("bad-message", f"header is not valid msgpack within limits: {err}") from None
+        raise ProtocolError(
+            "bad-message", f"header is not valid msgpack within limits: {err}", req=read_req(raw)
+        ) from None
     except Exception as err:  # any other decoder failure on hostile bytes gets the same answer
-        raise ProtocolError("bad-message", f"header is not valid msgpack: {type(err).__name__}") from None
+        raise ProtocolError(
+            "bad-message", f"header is not valid msgpack: {type(err).__name__}", req=read_req(raw)
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError("bad-message", "header must be a msgpack map (§3.1)")
     req = header.get("req")
     if not _CHECKS["uint"](req):
-        raise ProtocolError("bad-message", "header needs 'req', a non-negative integer (§3.2)")
+        raise ProtocolError("bad-message", "header needs 'req', an integer >= 0 (§3.2)")
     version = header.get("v")
     if not _CHECKS["int"](version):
         raise ProtocolError("bad-message", "header needs 'v', the protocol version (§3.2)", req=req)
@@ -248,7 +357,9 @@ def decode(frames: list) -> Message:
     schema = SCHEMAS.get(msg_type)
     if schema is None:
         raise ProtocolError("unknown-type", f"unknown message type {msg_type[:64]!r} (§4)", req=req)
-    required, optional, n_payloads = schema
+    _, required, optional, n_payloads = schema
+    if sender is not None and not sent_by(msg_type, sender):
+        raise ProtocolError("unknown-type", f"{msg_type} is not sent by a {sender} (§9)", req=req)
     payloads = list(frames[1:])
     if len(payloads) != n_payloads:
         raise ProtocolError(
@@ -263,20 +374,16 @@ def decode(frames: list) -> Message:
                 raise ProtocolError("bad-message", f"{msg_type} needs field {name!r} ({kind})", req=req)
             continue
         value = fields[name]
-        nullable = kind.endswith("?")
-        if value is None and nullable:
+        if value is None and kind.endswith("?"):
             continue
         if not _CHECKS[kind.rstrip("?")](value):
-            raise ProtocolError(
-                "bad-message",
-                f"{msg_type}.{name} must be {kind}, got {type(value).__name__}",
-                req=req,
-            )
+            got = "nil" if value is None else type(value).__name__
+            raise ProtocolError("bad-message", f"{msg_type}.{name} must be {kind}, got {got}", req=req)
     return Message(msg_type, req, fields, payloads)
 
 
 def to_rational(value) -> list:
-    """A Fraction (or int) as the wire's ``[numerator, denominator]`` (§3.2)."""
+    """A Fraction (or int) as the wire's ``[numerator, denominator]`` (§3.3)."""
     value = Fraction(value)
     return [value.numerator, value.denominator]
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from retalk_server.spec import JobSpec
+
 UNFINISHED = ("queued", "running")
 FINISHED = ("done", "failed", "cancelled")
 
@@ -39,7 +41,7 @@ class JobRecord:
     seq: int
     priority: int
     state: str
-    spec: dict
+    spec: JobSpec
     client: str
     attempts: int = 0
     result: dict | None = None
@@ -56,7 +58,7 @@ class JobRecord:
             "attempt": self.attempts,
             "client": self.client,
             "created": self.created,
-            "clip": self.spec.get("video", ""),
+            "clip": str(self.spec.video),
             "error": self.error,
         }
 
@@ -67,7 +69,7 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
         seq=row["seq"],
         priority=row["priority"],
         state=row["state"],
-        spec=json.loads(row["spec"]),
+        spec=JobSpec.from_json(json.loads(row["spec"])),
         client=row["client"],
         attempts=row["attempts"],
         result=json.loads(row["result"]) if row["result"] else None,
@@ -88,20 +90,24 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, job_id: str, spec: dict, *, priority: int, client: str) -> JobRecord:
+    def add(self, job_id: str, spec: JobSpec, *, priority: int, client: str) -> JobRecord:
         """Journal a new queued job (committed on return: only then may ACCEPTED be sent, §8.1)."""
         with self._db:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             created = time.time()
             self._db.execute(
                 "INSERT INTO jobs (id, seq, priority, state, spec, client, created) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, seq, priority, json.dumps(spec), client, created),
+                (job_id, seq, priority, json.dumps(spec.to_json()), client, created),
             )
         return JobRecord(job_id, seq, priority, "queued", spec, client, created=created)
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_record(row) if row else None
+
+    def state(self, job_id: str) -> str | None:
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
 
     def start(self, job_id: str) -> int:
         """Mark a job running and count the attempt; returns the attempt number."""
@@ -151,14 +157,21 @@ class Journal:
             )
         return [_row_to_record(row) for row in rows]
 
-    def list(self, states: list[str] | None = None, limit: int = 100) -> list[JobRecord]:
+    def list(
+        self, states: list[str] | None = None, limit: int = 100, job: str | None = None
+    ) -> list[JobRecord]:
+        """The newest jobs first: at most ``limit``, only those in ``states`` and only ``job`` when given."""
+        where, values = [], []
         if states:
-            marks = ",".join("?" * len(states))
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq DESC LIMIT ?", (*states, limit)
-            ).fetchall()
-        else:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            values += states
+        if job is not None:
+            where.append("id = ?")
+            values.append(job)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._db.execute(
+            f"SELECT * FROM jobs {clause}ORDER BY seq DESC LIMIT ?", (*values, limit)
+        ).fetchall()
         return [_row_to_record(row) for row in rows]
 
     def counts(self) -> dict[str, int]:

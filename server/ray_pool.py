@@ -7,12 +7,12 @@ the pipeline once and keeps its networks loaded. A job runs as steps on those ac
   1. check: an actor on every node reads the job's media and finds its folders (shared storage);
   2. prepare: the video-only work over the whole range; a job of at most ``segment_frames`` output frames is
      rendered and encoded in the same step, as on one machine;
-  3. render: every segment on whichever actor is free, in parallel (existing segment files are kept: a job
-     resumed after a server restart renders only what is missing);
+  3. render: every segment on whichever actor is free, in parallel, into the job's folder;
   4. assemble: one encode and mux, or intra-only segments joined as they are.
-A step whose actor dies (its node lost) runs again elsewhere; after ``max_attempts`` runs the job fails with
-the reason. Progress (summed over the segments), cancel, results and failures reach the server as the same
-WorkerEvents as from local workers.
+A step whose actor dies (its node lost) or that hits an internal fault runs again elsewhere; after
+``max_attempts`` runs (the server's --attempts) the job fails with the reason. A failure retrying cannot fix
+(``retalk_server.errors.retried``) fails the job at once. Progress (summed over the segments), cancel, results
+and failures reach the server as the same WorkerEvents as from local workers.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retalk_server.runner import request_from_spec, result_map
-from retalk_server.workers import ERROR_CODES, WorkerEvent, failure
+from retalk_server.errors import retried
+from retalk_server.runner import result_map
+from retalk_server.spec import JobSpec
+from retalk_server.workers import WorkerEvent, failure
 
-import retalk
 from retalk.errors import CancelledError, InputError, MediaError
-from retalk.pipeline.cache import cache_key
 from retalk.pipeline.redub import PreparedRedub, prepare, render_and_encode
 from retalk.pipeline.request import RedubRequest
 from retalk.pipeline.segments import (
@@ -52,7 +52,6 @@ except ImportError:
 
 log = logging.getLogger("retalk.server.farm")
 
-FINAL_CODES = tuple(code for _, code in ERROR_CODES)  # the input's fault: no other machine would do better
 RECONCILE_SECONDS = 2.0  # how often the pool looks for nodes that joined or left
 CHECK_SECONDS = 30.0  # a node silent this long on the storage check has a hung mount
 SHARED_STORAGE = (
@@ -62,15 +61,15 @@ SHARED_STORAGE = (
 
 
 def segments_root(output: Path) -> Path:
-    """The folder beside a job's output that holds its segments (and its private cache without --no-cache)."""
+    """The folder beside a job's output that holds its segments (and its private cache with use_cache off).
+    It is in the job's folder, so the server clears it before the job runs again (PROTOCOL.md §8.3)."""
     return output.with_name(output.name + ".segments")
 
 
-def check_storage(spec: dict, cache_dir: Path, where: str) -> None:
+def check_storage(spec: JobSpec, cache_dir: Path, where: str) -> None:
     """MediaError naming the first of the job's files this machine cannot read, or of its folders it cannot
     write into. Folders are never created here: a missing mount would otherwise become a local folder."""
-    for name in ("video", "audio"):
-        path = Path(spec[name])
+    for name, path in (("video", spec.video), ("audio", spec.audio)):
         try:
             with open(path, "rb") as fh:
                 fh.read(1)
@@ -78,7 +77,7 @@ def check_storage(spec: dict, cache_dir: Path, where: str) -> None:
             raise MediaError(
                 f"{where} cannot read the job's {name} {path} ({err.strerror}): {SHARED_STORAGE}"
             ) from None
-    for name, folder in (("job folder", Path(spec["output"]).parent), ("stage cache", cache_dir)):
+    for name, folder in (("job folder", spec.folder), ("stage cache", cache_dir)):
         probe = folder / f".retalk-probe-{uuid.uuid4().hex[:12]}"
         try:
             probe.write_bytes(b"")
@@ -113,7 +112,7 @@ class FarmWorker:
             "where": self.where,
         }
 
-    def check(self, spec: dict) -> str | None:
+    def check(self, spec: JobSpec) -> str | None:
         """The storage check (step 1): None, or why this node cannot run the job."""
         try:
             check_storage(spec, self.cache_dir, self.where)
@@ -154,8 +153,8 @@ class FarmWorker:
     def _should_stop(self) -> bool:
         return self._cancel_token == self._token
 
-    def _request(self, spec: dict) -> RedubRequest:
-        request = request_from_spec(dict(spec, device=self.device, precision=self.precision))
+    def _request(self, spec: JobSpec) -> RedubRequest:
+        request = spec.on(self.device, self.precision).request()
         if request.use_cache:
             request.cache_dir = self.cache_dir
         else:  # the job's own cache, on shared storage, removed with its segments
@@ -177,22 +176,9 @@ class FarmWorker:
         self._warm = None
         job = prepare(request, self._report, self._should_stop)
         if job.frames <= step["segment_frames"]:
-            result = render_and_encode(job)
-            shutil.rmtree(segments_root(request.output), ignore_errors=True)
-            return {"result": result_map(request, result)}
+            return {"result": result_map(request, render_and_encode(job))}
         self._warm = (step["job"], job.clip.content_key), job
-        # segments of another rendering (a precision or retalk changed across a restart) are never reused
-        folder = (
-            segments_root(request.output)
-            / cache_key(
-                job.clip.content_key,
-                sorted((k, v) for k, v in step["spec"].items() if k != "options"),
-                sorted(step["spec"]["options"].items()),
-                self.device.split(":")[0],
-                self.precision,
-                retalk.__version__,
-            )[:16]
-        )
+        folder = segments_root(request.output)
         folder.mkdir(parents=True, exist_ok=True)
         spans = plan_segments(job.frames, step["segment_frames"])
         return {
@@ -205,15 +191,12 @@ class FarmWorker:
 
     def _render(self, step: dict) -> dict:
         a, b, path = step["segment"]
-        if Path(path).is_file():  # rendered before a restart: files are written whole or not at all
-            return {"reused": True}
         render_segment(self._prepared(step), a, b, Path(path))
-        return {"reused": False}
+        return {}
 
     def _assemble(self, step: dict) -> dict:
         job = self._prepared(step)
         result = assemble(job, [Path(path) for _, _, path in step["plan"]["segments"]])
-        shutil.rmtree(segments_root(job.request.output), ignore_errors=True)
         self._warm = None
         return result_map(job.request, result)
 
@@ -251,13 +234,12 @@ class _Step:
 @dataclass
 class _Job:
     id: str
-    spec: dict
+    spec: JobSpec
     checks: dict = field(default_factory=dict)  # ObjectRef of a node's storage check (step 1) -> the node
     check_deadline: float = 0.0
     plan: dict | None = None
     rendered: int = 0  # frames of finished segments
     segments_left: int = 0
-    reused: int = 0
     steps: list[_Step] = field(default_factory=list)  # running ones
     cancelled: bool = False
     over: bool = False  # its final event went out
@@ -266,7 +248,8 @@ class _Job:
 
 class RayPool:
     """The WorkerPool of ``retalk serve --ray``. ``address``: a cluster's address, ``""`` for ``$RAY_ADDRESS``
-    or the cluster ``ray start --head`` made on this machine, ``"local"`` to start a one-machine cluster."""
+    or the cluster ``ray start --head`` made on this machine, ``"local"`` to start a one-machine cluster.
+    ``max_attempts``: runs of one step, the first included (the server's --attempts, PROTOCOL.md §8.2)."""
 
     def __init__(
         self,
@@ -279,10 +262,9 @@ class RayPool:
         cpus_per_worker: int = 4,
         max_attempts: int = 3,
     ) -> None:
-        if segment_frames < 1 or cpus_per_worker < 1 or max_attempts < 1:
+        if segment_frames < 1 or cpus_per_worker < 1:
             raise InputError(
-                f"--segment-frames {segment_frames}, --cpus-per-worker {cpus_per_worker}, --retries "
-                f"{max_attempts}: each must be at least 1"
+                f"--segment-frames {segment_frames}, --cpus-per-worker {cpus_per_worker}: each must be at least 1"
             )
         self.cache_dir = Path(state_dir).resolve() / "cache"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +298,7 @@ class RayPool:
         checking = sum(1 for job in self._jobs.values() if job.checks)
         return max(0, idle - len(self._pending) - checking)
 
-    def submit(self, job_id: str, spec: dict) -> None:
+    def submit(self, job_id: str, spec: JobSpec) -> None:
         job = self._jobs[job_id] = _Job(job_id, spec)
         nodes = {a.node_id: a for a in self._actors if a.starting is None}  # one actor a node
         job.checks = {actor.handle.check.remote(spec): actor.where for actor in nodes.values()}
@@ -346,7 +328,8 @@ class RayPool:
         for job in list(self._jobs.values()):
             if job.cancelled and not job.steps and not job.over:
                 self._end(job, events, "cancelled", {})
-            if job.over and not job.steps:
+            if job.over and not job.steps:  # every step stopped: nothing writes into its segments any more
+                shutil.rmtree(segments_root(job.spec.output), ignore_errors=True)
                 del self._jobs[job.id]
         self._dispatch()
         events += self._progress()
@@ -518,7 +501,7 @@ class RayPool:
         if job.over or job.cancelled:
             return True  # its job already ended, or is ending once every step has stopped
         if kind == "failed":
-            if data["code"] in FINAL_CODES:
+            if not retried(data["code"]):  # the input's fault: no other machine would do better
                 self._end(job, events, "failed", data)
             else:
                 self._retry(step, events, data["message"], data.get("traceback", ""))
@@ -534,10 +517,7 @@ class RayPool:
         elif step.kind == "render":
             job.rendered += step.segment[1] - step.segment[0]
             job.segments_left -= 1
-            job.reused += data["reused"]
             if job.segments_left == 0:
-                if job.reused:
-                    log.info("job %s: %d segment(s) kept from an earlier run", job.id, job.reused)
                 self._pending.insert(0, _Step(job, "assemble"))  # the job's last step goes first
         else:
             self._end(job, events, "done", data)

@@ -1,32 +1,14 @@
-"""The job runner a worker calls: a journaled job spec in, ``retalk.pipeline.redub`` run, a result map out."""
+"""The job runner a worker calls: a JobSpec in, ``retalk.pipeline.redub`` run, the result map out."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
+from retalk_server.spec import JobSpec
+
 from retalk.pipeline import ProgressEvent, RedubRequest, RedubResult, redub
-
-# SUBMIT options (PROTOCOL.md §4.3) that map one to one onto RedubRequest fields.
-OPTION_FIELDS = ("expression", "upper_face", "fit", "extend", "face", "codec", "seed", "use_cache")
-
-
-def request_from_spec(spec: dict) -> RedubRequest:
-    """The RedubRequest a job spec describes (rationals travel as ``"num/den"`` strings in the journal)."""
-    return RedubRequest(
-        video=Path(spec["video"]),
-        audio=Path(spec["audio"]),
-        output=Path(spec["output"]),
-        start=spec["start"],
-        end=spec["end"],
-        audio_offset=Fraction(spec["audio_offset"]),
-        engine=spec["engine"],
-        device=spec.get("device", "auto"),
-        precision=spec.get("precision", "fp32"),
-        **{name: spec["options"][name] for name in OPTION_FIELDS if name in spec["options"]},
-    )
 
 
 def file_sha256(path: Path) -> str:
@@ -38,11 +20,11 @@ def file_sha256(path: Path) -> str:
 
 
 def run_redub(
-    spec: dict, progress: Callable[[str, int, int, str], None], should_cancel: Callable[[], bool]
+    spec: JobSpec, progress: Callable[[str, int, int, str], None], should_cancel: Callable[[], bool]
 ) -> dict:
-    """Run one job; the result map is what PROGRESS(done) carries and what RENDER/FETCH serve (§4.4)."""
-    request = request_from_spec(spec)
-    request.validate()
+    """Run one job (checked when it was submitted); the result map is what PROGRESS(done) carries and what
+    RENDER/FETCH serve (§4.4)."""
+    request = spec.request()
 
     def report(event: ProgressEvent) -> None:
         progress(event.stage, event.done, event.total, event.message)

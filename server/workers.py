@@ -1,8 +1,9 @@
-"""Worker processes that run jobs, behind one small interface (a later issue swaps in a Ray cluster).
+"""Worker pools run jobs behind one small interface (``WorkerPool``); ``ProcessWorkerPool`` is the local one.
 
-A worker is a spawned process that imports its runner once (models stay loaded on its device) and then runs
-one job at a time, reporting progress over a pipe. The pool notices a worker that dies (its pipe closes),
-reports the job it was running and starts a fresh worker in its place.
+A local worker is a spawned process that imports its runner once (models stay loaded on its device) and then
+runs one job at a time, reporting progress over a pipe. The pool notices a worker that dies (its pipe closes),
+reports the job it was running and starts a fresh worker in its place. A worker whose server is gone exits
+at once and quietly (PROTOCOL.md §8.1: the restarted server runs the job again).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -17,41 +19,52 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from retalk_server.errors import error_code
+from retalk_server.spec import JobSpec
+
 from retalk.device import resolve_device
-from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
+from retalk.errors import CancelledError
 
-# A runner: runner(spec, progress(stage, done, total, message), should_cancel) -> result dict.
-Runner = Callable[[dict, Callable[[str, int, int, str], None], Callable[[], bool]], dict]
-DEFAULT_RUNNER = "retalk_server.runner:run_redub"
-
-# Pipeline errors that are the input's fault: retrying cannot help (PROTOCOL.md §8.2).
-ERROR_CODES = ((InputError, "invalid"), (MediaError, "media"), (CheckpointError, "checkpoint"))
+# progress(stage, done, total, message) as a runner reports it
+Progress = Callable[[str, int, int, str], None]
+# runner(spec, progress, should_cancel) -> the result map (PROGRESS.result, §4.4); raises to fail the job
+Runner = Callable[[JobSpec, Progress, Callable[[], bool]], dict]
 
 
 @dataclass
 class WorkerEvent:
+    """What a pool reports of a job. ``data`` by ``kind``: progress {stage, done, total, message}; done: the
+    result map; failed {code (§7, from errors.error_code), message, traceback}; cancelled {}; died {message}
+    (the worker was lost: the job is run again, up to the attempt limit)."""
+
     kind: str  # progress | done | failed | cancelled | died
     job: str
     data: dict = field(default_factory=dict)
 
 
 class WorkerPool(Protocol):
+    """Where jobs run. The server's loop is its only caller; no method may block."""
+
     def capacity(self) -> int:
         """How many more jobs the pool can take now."""
 
-    def submit(self, job_id: str, spec: dict) -> None: ...
+    def submit(self, job_id: str, spec: JobSpec) -> None:
+        """Run ``spec`` (placed with ``spec.on(device, precision)`` where it lands); only when capacity() > 0."""
 
-    def cancel(self, job_id: str) -> None: ...
+    def cancel(self, job_id: str) -> None:
+        """Ask the job's runner to stop at its next check; its end is reported by poll() (cancelled)."""
 
-    def poll(self) -> list[WorkerEvent]: ...
+    def poll(self) -> list[WorkerEvent]:
+        """The events since the last call, in order."""
 
     def describe(self) -> list[dict]:
-        """One map per worker for STATUS (§4.5): id, pid, device, job, alive."""
+        """One map per worker for STATUS (§4.5): id, pid, device, job, alive, ready."""
 
     def wakeups(self) -> list:
-        """Objects with fileno() that become readable when poll() has something."""
+        """Objects with fileno() (or zmq sockets) that become readable when poll() has something."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop every worker (a running job is cut short: the journal runs it again at the next start)."""
 
 
 def load_runner(path: str) -> Runner:
@@ -61,9 +74,10 @@ def load_runner(path: str) -> Runner:
 
 
 def failure(err: Exception) -> dict:
-    """A failed event's data for ``err``, raised by a runner (call it in the ``except`` block)."""
-    code = next((code for cls, code in ERROR_CODES if isinstance(err, cls)), "internal")
-    text = str(err) if code != "internal" else f"{type(err).__name__}: {err}"
+    """A failed event's data for ``err``, raised by a runner (call it in the ``except`` block: an internal
+    fault carries its traceback)."""
+    code = error_code(err)
+    text = f"{type(err).__name__}: {err}" if code == "internal" else str(err)
     detail = traceback.format_exc() if code == "internal" else ""
     return {"code": code, "message": text, "traceback": detail}
 
@@ -76,36 +90,51 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+class _ServerGone(BaseException):
+    """The pipe to the server broke: unwinds the job (so the pipeline removes its partial output) and ends
+    the worker quietly. A BaseException, so a runner's ``except Exception`` does not take it for a fault."""
+
+
 def _worker_main(conn, cancel_token, runner_path: str, device: str, precision: str, parent_pid: int) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the server stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    device = str(resolve_device(device))
-    runner = load_runner(runner_path)
-    conn.send(("ready", {"pid": os.getpid(), "device": device}))
-    while True:
+
+    def send(message: tuple) -> None:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message[0] == "stop":
-            return
-        _, token, spec = message
-        spec = dict(spec, device=device, precision=precision)
+            conn.send(message)
+        except (OSError, EOFError):
+            raise _ServerGone from None
 
-        def progress(stage: str, done: int, total: int, text: str = "", token=token) -> None:
-            conn.send(("progress", token, {"stage": stage, "done": done, "total": total, "message": text}))
+    try:
+        device = str(resolve_device(device))
+        runner = load_runner(runner_path)
+        send(("ready", {"pid": os.getpid(), "device": device}))
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] == "stop":
+                return
+            _, token, spec = message
+            send(_run_one(runner, spec.on(device, precision), token, cancel_token, send))
+    except _ServerGone:
+        return
 
-        def should_cancel(token=token) -> bool:
-            return cancel_token.value == token
 
-        try:
-            result = runner(spec, progress, should_cancel)
-        except CancelledError:
-            conn.send(("cancelled", token, {}))
-            continue
-        except Exception as err:
-            conn.send(("failed", token, failure(err)))
-            continue
-        conn.send(("done", token, result))
+def _run_one(runner: Runner, spec: JobSpec, token: int, cancel_token, send) -> tuple:
+    """Run one job; the final message for the server."""
+
+    def progress(stage: str, done: int, total: int, text: str = "") -> None:
+        send(("progress", token, {"stage": stage, "done": done, "total": total, "message": text}))
+
+    try:
+        return ("done", token, runner(spec, progress, lambda: cancel_token.value == token))
+    except CancelledError:
+        return ("cancelled", token, {})
+    except Exception as err:
+        return ("failed", token, failure(err))
 
 
 @dataclass
@@ -123,9 +152,7 @@ class _Worker:
 class ProcessWorkerPool:
     """``size`` local worker processes (spawned: no forked threads, no forked CUDA state)."""
 
-    def __init__(
-        self, size: int, *, runner: str = DEFAULT_RUNNER, device: str = "auto", precision: str = "fp32"
-    ):
+    def __init__(self, size: int, *, runner: str, device: str = "auto", precision: str = "fp32"):
         self._context = multiprocessing.get_context("spawn")
         self._runner = runner
         self._device, self._precision = device, precision
@@ -148,7 +175,7 @@ class ProcessWorkerPool:
     def capacity(self) -> int:
         return sum(1 for w in self._workers if w.ready and w.job is None)
 
-    def submit(self, job_id: str, spec: dict) -> None:
+    def submit(self, job_id: str, spec: JobSpec) -> None:
         worker = next(w for w in self._workers if w.ready and w.job is None)
         self._tokens += 1
         worker.job, worker.token = job_id, self._tokens

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from farm_support import add_node, drive, in_private_network, kill_node, ray_start, start_cluster
+from farm_support import add_node, drive, in_private_network, job_spec, kill_node, ray_start, start_cluster
 from mediagen import write_face_clip, write_tone
 from server_support import ServerProcess, wait_for
 
@@ -99,18 +99,9 @@ def assert_same_render(path: Path, expected: tuple[np.ndarray, np.ndarray]) -> N
     assert audio.shape == expected[1].shape and np.array_equal(audio, expected[1]), "audio differs"
 
 
-def job_spec(root: Path, output: Path, end: int = FRAMES, engine: str = "preview") -> dict:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return {
-        "video": str(root / "face1.mp4"),
-        "audio": str(root / "speech1.wav"),
-        "output": str(output),
-        "start": 0,
-        "end": end,
-        "audio_offset": "0",
-        "engine": engine,
-        "options": {"codec": "lossless"},
-    }
+def face1_job(root: Path, output: Path):
+    """FRAMES frames of face1 with the speech line, lossless, preview engine."""
+    return job_spec(root / "face1.mp4", root / "speech1.wav", output, end=FRAMES)
 
 
 def busy(pool: RayPool) -> list[dict]:
@@ -138,7 +129,7 @@ def test_a_split_preview_job_across_two_nodes_equals_the_one_process_render(make
         progress.extend(e.data for e in events if e.kind == "progress" and e.data["stage"] == "render")
 
     output = tmp_path / "job" / "out.mkv"
-    _, final = drive(pool, "split", job_spec(root, output), timeout=TIMEOUT, on_poll=watch)
+    _, final = drive(pool, "split", face1_job(root, output), timeout=TIMEOUT, on_poll=watch)
     assert final.kind == "done", final.data
     assert final.data["frames"] == FRAMES
     assert_same_render(output, expected)
@@ -172,17 +163,7 @@ def test_a_split_neural_job_across_two_nodes_equals_the_one_process_render(make_
 
     pool = make_pool(segment_frames=1)
     nodes_rendering = set()
-    spec = {
-        "video": str(clip),
-        "audio": str(line),
-        "output": str(tmp_path / "job" / "out.mkv"),
-        "start": 0,
-        "end": None,
-        "audio_offset": "0",
-        "engine": "neural",
-        "options": {"codec": "lossless"},
-    }
-    (tmp_path / "job").mkdir()
+    spec = job_spec(clip, line, tmp_path / "job" / "out.mkv", engine="neural")
     _, final = drive(
         pool,
         "neural",
@@ -192,7 +173,7 @@ def test_a_split_neural_job_across_two_nodes_equals_the_one_process_render(make_
     )
     assert final.kind == "done", final.data
     assert final.data["engine"] == "neural"
-    assert_same_render(Path(spec["output"]), decoded(reference))
+    assert_same_render(spec.output, decoded(reference))
     assert len(nodes_rendering) == 2, f"segments ran on {nodes_rendering}"
 
 
@@ -215,7 +196,7 @@ def test_a_segment_of_a_killed_node_runs_again_elsewhere_and_the_job_completes_o
 
     caplog.set_level(logging.WARNING, logger="retalk.server.farm")
     output = tmp_path / "job" / "out.mkv"
-    seen, final = drive(pool, "kill", job_spec(root, output), timeout=TIMEOUT, on_poll=kill_mid_segment)
+    seen, final = drive(pool, "kill", face1_job(root, output), timeout=TIMEOUT, on_poll=kill_mid_segment)
     assert killed, "no segment was caught half-way"
     a, b = killed[0]["segment"]
     assert final.kind == "done", final.data
@@ -240,7 +221,9 @@ def test_cancel_stops_every_segment(make_pool, inputs, tmp_path):
             pool.cancel("cancel")
 
     output = tmp_path / "job" / "out.mkv"
-    _, final = drive(pool, "cancel", job_spec(root, output), timeout=TIMEOUT, on_poll=cancel_when_both_render)
+    _, final = drive(
+        pool, "cancel", face1_job(root, output), timeout=TIMEOUT, on_poll=cancel_when_both_render
+    )
     assert running, "the two workers never rendered at the same time"
     assert final.kind == "cancelled"
     wait_for(lambda: all(w["job"] is None for w in pool.describe()), 30, "every worker to stop")
@@ -265,27 +248,27 @@ def test_a_server_restarted_mid_job_resumes_from_its_journal(cluster, nodes, inp
             job = client.submit(
                 "face1.mp4", "speech1.wav", end=FRAMES, engine="preview", options={"codec": "lossless"}
             )
-            halfway = []
 
             def kill_when_two_segments_are_done(event):
                 if event.get("stage") == "render" and 32 <= event["done"] < FRAMES:
-                    halfway.append(event["done"])
-                    server.kill()  # SIGKILL mid-job: the journal and the segment files are all that survive
+                    server.kill()  # SIGKILL mid-job: the journal and the segments rendered so far survive
                     raise ServerKilled
 
             with pytest.raises(ServerKilled):
-                client.wait(job, timeout=TIMEOUT, on_progress=kill_when_two_segments_are_done)
+                client.follow(job, timeout=TIMEOUT, on_progress=kill_when_two_segments_are_done)
     finally:
         server.kill()
     restarted = ServerProcess(state, root, *args)
     try:
         with Client(restarted.endpoint, name="farm", timeout=120) as client:
             workers = client.status()["workers"]
-            final = client.wait(job, timeout=TIMEOUT)
+            final = client.follow(job, timeout=TIMEOUT)
         assert len({w["node"] for w in workers}) == 2, workers  # STATUS: the workers, node by node
         assert final["state"] == "done", final
         assert final["attempt"] == 1  # a run cut short by the crash is not counted (§8.2)
-        assert "segment(s) kept from an earlier run" in restarted.log.read_text()
+        # the cut run's segments were cleared before the job ran again; the done job's folder holds its result
+        # and nothing else (§8.3)
+        assert sorted(p.name for p in (state / "jobs" / job).iterdir()) == ["result.mkv"]
         assert_same_render(state / "jobs" / job / "result.mkv", expected)
     finally:
         restarted.stop()
@@ -305,7 +288,7 @@ def test_a_node_that_cannot_see_the_media_gives_the_clear_error(make_pool, clust
         )
         hidden = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
         assert len(hidden) == 1, log.read_text()[-2000:]
-        _, final = drive(pool, "hidden", job_spec(root, tmp_path / "job" / "out.mkv"), timeout=TIMEOUT)
+        _, final = drive(pool, "hidden", face1_job(root, tmp_path / "job" / "out.mkv"), timeout=TIMEOUT)
         assert final.kind == "failed" and final.data["code"] == "media", final.data
         message = final.data["message"]
         assert f"{hidden.pop()[:8]}) cannot read the job's video {root / 'face1.mp4'}" in message

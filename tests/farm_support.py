@@ -17,8 +17,26 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from retalk_protocol import options as job_options
+from retalk_server.spec import JobSpec
+
 NAMESPACE = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
 OBJECT_STORE = 80 << 20  # bytes a node: the farm passes paths, never frames, through Ray
+
+
+def job_spec(
+    video: Path,
+    audio: Path,
+    output: Path,
+    *,
+    end: int | None = None,
+    engine: str = "preview",
+    codec: str = "lossless",
+) -> JobSpec:
+    """A job as the server hands it to its pool, its folder made as SUBMIT makes it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    options = job_options.complete({"codec": codec})
+    return JobSpec(video=video, audio=audio, output=output, end=end, engine=engine, options=options)
 
 
 def in_private_network() -> bool:
@@ -99,7 +117,7 @@ def ray_start(address: str, *args: str, mount_over: Path | None = None, log: Pat
         return subprocess.Popen(command, stdout=out, stderr=out)
 
 
-def drive(pool, job_id: str, spec: dict, *, timeout: float, on_poll=None) -> tuple[list, object]:
+def drive(pool, job_id: str, spec: JobSpec, *, timeout: float, on_poll=None) -> tuple[list, object]:
     """Submit one job and poll the pool until its final event; ``on_poll(pool, events)`` runs every turn.
     Returns every event of the job and the final one."""
     deadline = time.monotonic() + timeout

@@ -2,12 +2,15 @@
 
 Every CamelCase method below is one the README lists for that class, and its docstring quotes the README
 line; tests/test_resolve_script.py checks that. Lower-case methods are the tests' own handles for building a
-scene. Like Resolve, the fake answers failure with None or False instead of raising.
+scene. Like Resolve, the fake answers failure with None or False instead of raising. The Python entry calls it
+directly; the Lua entry calls it through tests/resolve_entries.py, which converts lists and dicts to and from Lua
+tables as Resolve's Lua binding does.
 
 Two versions: ``version=18`` lacks ``Timeline.GetSelectedClips`` (Resolve 21) and
 ``TimelineItem.GetSourceStartFrame/GetSourceEndFrame`` (19.1), and ignores AppendToTimeline's
 ``trackIndex``/``recordFrame`` (2024-04 README); ``version=21`` has all of them. Frame ranges are half-open
-(an ``endFrame`` is one past the last frame), as Resolve's AppendToTimeline clipInfo is.
+(an ``endFrame`` is one past the last frame), as Resolve's AppendToTimeline clipInfo is. ``edition`` is
+"studio" or "free": what GetProductName answers.
 """
 
 from __future__ import annotations
@@ -383,8 +386,9 @@ class ProjectManager:
 
 
 class Resolve:
-    def __init__(self, version: int = 21, timeline_rate: str = "25"):
+    def __init__(self, version: int = 21, timeline_rate: str = "25", edition: str = "studio"):
         self.version = version
+        self.product = "DaVinci Resolve Studio" if edition == "studio" else "DaVinci Resolve"
         self.project = Project(version, timeline_rate)
         self.manager = ProjectManager(self.project)
 
@@ -398,11 +402,7 @@ class Resolve:
 
     def GetProductName(self):
         """README Resolve: GetProductName() --> string  # Returns product name."""
-        return "DaVinci Resolve Studio"
-
-    def Fusion(self):
-        """README Resolve: Fusion() --> Fusion  # the fake has no Fusion page."""
-        return None
+        return self.product
 
     # -- the tests' handles --
     @property
@@ -414,149 +414,3 @@ class Resolve:
         items = self.project.media_pool.ImportMedia([str(path)])
         assert items, f"the fake cannot read {path}"
         return items[0]
-
-
-# -- Fusion's UIManager ------------------------------------------------------------------------------------
-# Not part of Resolve's README: a stand-in for the few UIManager pieces the script's FusionUI uses, after the
-# UIManager conventions (ui = fusion.UIManager; disp = bmd.UIDispatcher(ui); disp.AddWindow(props, layout);
-# win.On[ID].Clicked / disp.On[TimerID].Timeout handlers; win.Show(); disp.RunLoop() until disp.ExitLoop();
-# win.GetItems()[ID] for widgets). RunLoop hands control to a test's ``driver`` (the editor's clicks), and
-# fires every started timer's Timeout between them.
-class Widget:
-    def __init__(self, kind: str, props: dict | None = None, children=()):
-        self.kind = kind
-        self.props = dict(props or {})
-        self.children = list(children)
-        self.ID = self.props.get("ID")
-        self.Text = self.props.get("Text", "")
-        self.CurrentIndex = 0
-        self.entries: list[str] = []
-        self.running = False
-
-    @property
-    def CurrentText(self):
-        return self.entries[self.CurrentIndex] if self.entries else ""
-
-    def AddItem(self, text):
-        self.entries.append(text)
-
-    def Start(self):
-        self.running = True
-
-    def Stop(self):
-        self.running = False
-
-    def walk(self):
-        yield self
-        for child in self.children:
-            yield from child.walk()
-
-
-class Handlers:
-    """``On.<ID>.<Event> = handler``: handlers kept per element ID and event name."""
-
-    def __init__(self):
-        object.__setattr__(self, "table", {})
-
-    def __getattr__(self, element):
-        return self.table.setdefault(element, _EventSlots())
-
-
-class _EventSlots:
-    def fire(self, event: str) -> None:
-        handler = self.__dict__.get(event)
-        if handler is not None:
-            handler({"what": event})
-
-
-class Window:
-    def __init__(self, props: dict, layout: Widget):
-        self.props = props
-        self.layout = layout
-        self.On = Handlers()
-        self.visible = False
-
-    def GetItems(self):
-        return {widget.ID: widget for widget in self.layout.walk() if widget.ID}
-
-    def Show(self):
-        self.visible = True
-
-    def Hide(self):
-        self.visible = False
-
-    def click(self, element: str) -> None:
-        self.On.table[element].fire("Clicked")
-
-
-class UIManager:
-    def __init__(self):
-        self.timers: list[Widget] = []
-
-    def _widget(kind):
-        def make(self, props=None):
-            return Widget(kind, props)
-
-        return make
-
-    Label = _widget("Label")
-    Button = _widget("Button")
-    LineEdit = _widget("LineEdit")
-    ComboBox = _widget("ComboBox")
-    del _widget
-
-    def VGroup(self, children):
-        return Widget("VGroup", children=children)
-
-    def HGroup(self, children):
-        return Widget("HGroup", children=children)
-
-    def Timer(self, props):
-        timer = Widget("Timer", props)
-        self.timers.append(timer)
-        return timer
-
-
-class UIDispatcher:
-    def __init__(self, ui: UIManager, driver):
-        self.ui = ui
-        self.driver = driver  # driver(window, dispatcher) -> None: one editor action per call
-        self.On = Handlers()
-        self.windows: list[Window] = []
-        self.looping = False
-
-    def AddWindow(self, props, layout):
-        window = Window(props, layout)
-        self.windows.append(window)
-        return window
-
-    def RunLoop(self):
-        self.looping = True
-        for _ in range(10000):
-            if not self.looping:
-                return
-            self.driver(self.windows[-1], self)
-            for timer in self.ui.timers:
-                if timer.running and self.looping:
-                    self.On.table[timer.ID].fire("Timeout")
-        raise AssertionError("the dialog never closed")
-
-    def ExitLoop(self):
-        self.looping = False
-
-
-class Fusion:
-    def __init__(self, requested_file: str = ""):
-        self.UIManager = UIManager()
-        self.requested_file = requested_file
-
-    def RequestFile(self):
-        return self.requested_file
-
-
-class Bmd:
-    def __init__(self, driver):
-        self.driver = driver
-
-    def UIDispatcher(self, ui):
-        return UIDispatcher(ui, self.driver)

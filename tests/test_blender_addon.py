@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mediagen import write_face_clip, write_tone
+from retalk_protocol import options as job_options
 from retalk_protocol.client import Client, frame_array
 from server_support import GATE_ENV, GATED_RUNNER, ServerProcess
 
 from retalk import media
 from retalk.cli import main as retalk_main
-from retalk.pipeline import request as pipeline_request
-from retalk.pipeline import timing
 
 pytestmark = pytest.mark.blender
 
@@ -241,14 +240,15 @@ def _frames(path: Path) -> np.ndarray:
 
 
 # -- the extension package -----------------------------------------------------------------------------------
-def test_addon_options_match_the_cli():
+def test_addon_submits_the_table_s_options_and_knows_which_engine_ignores_which():
     options = _load_addon_options()
-    assert set(options.ENGINES) == set(pipeline_request.ENGINES)
-    assert set(options.EXPRESSIONS) == set(pipeline_request.EXPRESSIONS)
-    assert set(options.UPPER_FACE) == set(pipeline_request.UPPER_FACE)
-    assert set(options.CODECS) == set(pipeline_request.CODECS)
-    assert set(options.FIT_MODES) == set(timing.FIT_MODES)
-    assert set(options.EXTEND_MODES) == set(timing.EXTEND_MODES)
+    assert [option.name for option in options.FIELDS] == ["engine", *job_options.JOB_OPTIONS]
+    face, seed = job_options.JOB_OPTIONS["face"], job_options.JOB_OPTIONS["seed"]
+    assert options.submitted_value(face, "  ") == "largest" and options.submitted_value(face, " 1 ") == "1"
+    assert options.submitted_value(seed, 3) == 3
+    upper_face = job_options.JOB_OPTIONS["upper_face"]
+    assert not options.honoured(upper_face, "preview")
+    assert options.honoured(upper_face, "neural") and options.honoured(upper_face, "auto")
 
 
 def test_extension_zip_lists_its_bundled_wheels_and_carries_no_protocol_source(extension_zip):
@@ -346,6 +346,20 @@ def test_cancel_mid_job_cancels_it_on_the_server_and_adds_nothing(blender, gated
     assert outcome["job"] and outcome["new"] == [] and outcome["output"] is None
     with Client(gated_server.endpoint, name="pytest-blender", timeout=30) as client:
         assert client.watch(outcome["job"])["state"] == "cancelled"
+
+
+_BPY_TYPES = {bool: "BOOLEAN", int: "INT"}
+
+
+def test_the_operator_s_fields_are_the_option_table(blender):
+    fields = blender["fields"]
+    for option in (job_options.ENGINE, *job_options.JOB_OPTIONS.values()):
+        field = fields[option.name]
+        kind = _BPY_TYPES.get(option.type, "ENUM" if option.choices else "STRING")
+        assert (field["type"], field["default"], field["description"]) == (kind, option.default, option.help)
+        assert field["items"] == list(option.choices if kind == "ENUM" else [])
+    own = {"audio_source", "audio_file", "audio_offset"}
+    assert set(fields) == own | {"engine", *job_options.JOB_OPTIONS}
 
 
 def test_operator_is_in_both_menus_and_needs_a_selected_movie_strip(blender):

@@ -3,11 +3,12 @@ channels-last convolutions (same numbers, another layout)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from retalk_server import ServerConfig
-from retalk_server.runner import request_from_spec
+from retalk_server import JobSpec, ServerConfig
 from torch import nn
 
 from retalk import selftest
@@ -88,6 +89,6 @@ def test_server_workers_carry_the_servers_precision_into_each_request(tmp_path):
     then stamped on every job's request."""
     with pytest.raises(InputError, match="fp16 needs a CUDA device"):
         ServerConfig(device="cpu", precision="fp16", state_dir=tmp_path).check()
-    spec = {"video": "v.mp4", "audio": "a.wav", "output": "o.mp4", "start": 0, "end": 4}
-    spec |= {"audio_offset": "0", "engine": "neural", "options": {}, "device": "cpu", "precision": "bf16"}
-    assert request_from_spec(spec).precision == "bf16"
+    spec = JobSpec(Path("v.mp4"), Path("a.wav"), Path("o.mp4"), end=4, engine="neural")
+    request = spec.on("cpu", "bf16").request()  # what a worker does with each job it takes
+    assert (request.device, request.precision) == ("cpu", "bf16")

@@ -1,33 +1,37 @@
-"""The DaVinci Resolve script, installed by `retalk resolve install`, run against the README-built fake Resolve
-(tests/resolve_fake.py) and a real `retalk serve` on 127.0.0.1 running the preview engine.
+"""The DaVinci Resolve menu entries, installed by `retalk resolve install`, run against the README-built fake
+Resolve (tests/resolve_fake.py) and a real `retalk serve` on 127.0.0.1 running the preview engine.
 
-Only the editor is scripted: ScriptedUI answers in place of the dialogs, or Editor clicks through FusionUI on a
-UIManager stand-in. The script, its bridge process, the protocol client and the server are the real ones; the
-server's workers run server_support's gated runner, which is the real pipeline once its gate is open (the
-cancel tests close the gate so Cancel lands mid-job every time).
+Every end-to-end case runs twice: the Python entry as a module, the Lua entry in LuaJIT (tests/resolve_entries.py).
+Each starts the real bridge process (retalk.resolve_bridge), which talks to the real server. There is no display
+here, so the bridge takes its console path: the highest audio clip under the shot and the options in its settings
+file, progress as console lines (the Tk window is tested in tests/test_resolve_dialog.py). The server's workers
+run server_support's gated runner, the real pipeline once its gate is open; a closed gate holds a job so that a
+cancel lands mid-job every time.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import resolve_fake
-from mediagen import write_face_clip, write_tone
-from server_support import GATE_ENV, GATED_RUNNER, ServerProcess
+from resolve_entries import LuaEntry, PythonEntry
+from resolve_support import CLIP_FRAMES, SHOT, gated_rig
+from retalk_protocol.client import Client
+from server_support import ServerProcess, started_markers, wait_for
 
-from retalk import media
+from retalk import media, resolve_bridge
 from retalk.cli import main as retalk_main
 from retalk.commands import resolve as resolve_command
 
@@ -35,90 +39,75 @@ pytestmark = pytest.mark.resolve
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "davinci"
 README_API = PLUGIN / "resolve_api.txt"
-CLIP_FRAMES = 40  # the face drifts monotonically over frames 0..10, so each frame there is unique
-SHOT = {"record": 10, "duration": 6, "source_start": 3}  # the timeline item plays source frames 3..8
+ENTRY_CLASSES = {"python": PythonEntry, "lua": LuaEntry}
 TEST_OPTIONS = {"engine": "preview", "expression": "neutral", "face": "largest", "codec": "h264"}
-
-
-class ScriptedUI:
-    """The editor: answers the dialog, watches progress (optionally pressing Cancel), reads the message."""
-
-    def __init__(self, answer: dict | None, cancel: bool = False):
-        self.answer = answer
-        self.cancel = cancel
-        self.asked = None
-        self.statuses: list[str] = []
-        self.messages: list[str] = []
-
-    def ask(self, shot, audio_tracks):
-        self.asked = (shot, audio_tracks)
-        return self.answer
-
-    def run_progress(self, tracker):
-        while True:
-            final = tracker.step(wait=0.1)
-            self.statuses.append(tracker.text)
-            if final is not None:
-                return final
-            if self.cancel and tracker.text.startswith("Re-dubbing"):
-                tracker.cancel()
-
-    def message(self, text):
-        self.messages.append(text)
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def media_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resolve-media")
-    write_face_clip(root / "shot.mp4", n_frames=CLIP_FRAMES, size=(160, 160), with_audio=False)
-    write_tone(root / "line.wav", 2.0)
-    write_tone(root / "silence.wav", 2.0, silent=True)
-    (root / "broken.mp4").write_bytes(b"not a video at all" * 100)
-    return root
+def rig(tmp_path_factory):
+    with gated_rig(tmp_path_factory) as rig:
+        yield rig
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory):
-    """The server's workers hold each job here until the file `open` exists (open unless a test closes it)."""
-    folder = tmp_path_factory.mktemp("gate")
-    (folder / "open").touch()
-    return folder
+def media_root(rig):
+    return rig.media_root
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, media_root, gate):
-    process = ServerProcess(
-        tmp_path_factory.mktemp("resolve-state") / "state",
-        media_root,
-        "--workers",
-        "1",
-        "--runner",
-        GATED_RUNNER,
-        env={GATE_ENV: str(gate)},
-    )
-    yield process
-    process.stop()
-
-
-def install(folder: Path, server: str):
-    """`retalk resolve install` into ``folder``, then the installed script loaded as a module."""
-    assert retalk_main(["resolve", "install", "--scripts-dir", str(folder), "--server", server]) == 0
-    path = folder / "Edit" / resolve_command.SCRIPT_NAME
-    spec = importlib.util.spec_from_file_location(f"resolve_script_{abs(hash(folder))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gate(rig):
+    return rig.gate
 
 
 @pytest.fixture(scope="module")
-def script(tmp_path_factory, server):
-    return install(tmp_path_factory.mktemp("Scripts"), server.endpoint)
+def server(rig):
+    return rig.server
 
 
-def scene(version: int, media_root: Path, *, selected: bool = True, timeline_rate: str = "25"):
+@pytest.fixture(autouse=True)
+def no_display(tmp_path, monkeypatch):
+    """No display (the bridge's console path) and a settings file of this test's own."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+def install(folder: Path, *args: str) -> None:
+    assert retalk_main(["resolve", "install", "--scripts-dir", str(folder), *args]) == 0
+
+
+def configure(**fields) -> None:
+    """Change the bridge's settings file as `retalk resolve install` and the dialog leave it."""
+    settings = resolve_bridge.Settings.load()
+    for name, value in fields.items():
+        setattr(settings, name, value)
+    settings.save()
+
+
+def installed_entry(language: str, server: str, folder: Path, *args: str):
+    """Both entries installed by `retalk resolve install` for ``server``, the test options chosen; ``language``'s
+    entry loaded as Resolve loads it."""
+    install(folder, "--server", server, "--entry", "both", *args)
+    configure(options=TEST_OPTIONS)
+    return ENTRY_CLASSES[language](folder / "Edit" / resolve_command.PAIR_NAMES[language])
+
+
+@pytest.fixture(params=["python", "lua"])
+def language(request):
+    return request.param
+
+
+@pytest.fixture
+def entry(language, server, tmp_path):
+    return installed_entry(language, server.endpoint, tmp_path / "Scripts")
+
+
+def scene(
+    version: int, media_root: Path, *, selected: bool = True, timeline_rate: str = "25", edition="studio"
+):
     """V1: a decoy clip at 0 and the shot at record 10 (source frames 3..8); A1: the new line under the shot."""
-    resolve = resolve_fake.Resolve(version=version, timeline_rate=timeline_rate)
+    resolve = resolve_fake.Resolve(version=version, timeline_rate=timeline_rate, edition=edition)
     folder = Path(tempfile.mkdtemp(dir=media_root))  # each scene's results land in its own folder/retalk/
     clip = resolve.import_clip(shutil.copy(media_root / "shot.mp4", folder))
     decoy = resolve.timeline.place(clip, "video", 1, 0, 10)
@@ -131,11 +120,11 @@ def scene(version: int, media_root: Path, *, selected: bool = True, timeline_rat
     return resolve, shot, decoy
 
 
-def run(script, resolve, **answer) -> ScriptedUI:
-    """The script run from the menu, the editor answering the dialog with ``answer`` (+ the test options)."""
-    ui = ScriptedUI(dict(TEST_OPTIONS, **answer))
-    script.main(resolve, ui)
-    return ui
+def message(lines: list[str], start: str) -> str:
+    """The console line the entry printed that starts with "retalk: " + ``start``, without the prefix."""
+    found = [line[len("retalk: ") :] for line in lines if line.startswith("retalk: " + start)]
+    assert len(found) == 1, lines
+    return found[0]
 
 
 def best_matching_source_frames(result: Path, source: Path) -> list[int]:
@@ -154,25 +143,74 @@ def bin_clips(resolve) -> list[str]:
 
 
 # -- install ------------------------------------------------------------------------------------------------
-def test_install_wires_the_script_to_this_installation_and_uninstall_removes_it(tmp_path, capsys):
-    module = install(tmp_path, "tcp://127.0.0.1:9999")
-    installed = tmp_path / "Edit" / resolve_command.SCRIPT_NAME
-    assert str(installed) in capsys.readouterr().out
-    assert Path(module.RETALK_PYTHON).samefile(__import__("sys").executable)
-    assert module.RETALK_SERVER == "tcp://127.0.0.1:9999"
+def test_install_wires_each_entry_to_this_installation_and_uninstall_removes_them(tmp_path, capsys):
+    install(tmp_path, "--server", "tcp://127.0.0.1:9999", "--entry", "both")
+    out = capsys.readouterr().out
+    edit = tmp_path / "Edit"
+    assert sorted(path.name for path in edit.iterdir()) == sorted(resolve_command.PAIR_NAMES.values())
+    for name in resolve_command.PAIR_NAMES.values():
+        assert f"installed {edit / name}" in out
+    python_entry = PythonEntry(edit / resolve_command.PAIR_NAMES["python"])
+    assert Path(python_entry.module.RETALK_PYTHON).samefile(sys.executable)
+    lua_text = (edit / resolve_command.PAIR_NAMES["lua"]).read_text()
+    assert Path(lua_wired_python(lua_text)).samefile(sys.executable)
+    settings = resolve_bridge.Settings.load()
+    assert (settings.server, settings.keys) == ("tcp://127.0.0.1:9999", None)
+    assert f"settings: {resolve_bridge.settings_path()}" in out
+    assert f"dofile([[{edit / resolve_command.PAIR_NAMES['lua']}]])" in out  # the Lua console's way in
+
     assert retalk_main(["resolve", "uninstall", "--scripts-dir", str(tmp_path)]) == 0
-    assert not installed.exists()
+    assert list(edit.iterdir()) == []
     assert retalk_main(["resolve", "uninstall", "--scripts-dir", str(tmp_path)]) == 0  # nothing left: says so
     assert "nothing to remove" in capsys.readouterr().out
 
 
-def test_a_wheel_install_carries_the_script_it_installs(tmp_path):
-    """`retalk resolve install` from a wheel, away from this checkout, still finds the script it copies."""
+def lua_wired_python(text: str) -> str:
+    """The value an installed Lua entry's RETALK_PYTHON line gives, as LuaJIT reads it."""
+    [line] = [line for line in text.splitlines() if line.startswith("local RETALK_PYTHON = ")]
+    return LuaEntry.runtime_for_tests().execute(line + "\nreturn RETALK_PYTHON")
+
+
+def test_the_interpreter_path_is_written_as_a_lua_string():
+    template = (PLUGIN / resolve_command.SINGLE_NAMES["lua"]).read_text()
+    python = 'C:\\Program Files\\retalk "env"\\python.exe'
+    assert lua_wired_python(resolve_command.wired_entry(template, "lua", python)) == python
+
+
+@pytest.mark.parametrize(
+    "seen, expected",
+    [
+        (None, ("lua", "python")),  # no entry has run yet: both
+        ({"entry": "python", "product": "DaVinci Resolve", "version": [21, 1, 0, 0, ""]}, ("lua",)),
+        ({"entry": "python", "product": "DaVinci Resolve", "version": [19, 0, 2, 0, ""]}, ("lua",)),
+        ({"entry": "python", "product": "DaVinci Resolve Studio", "version": [21, 1, 0, 0, ""]}, ("python",)),
+        ({"entry": "lua", "product": "DaVinci Resolve Studio", "version": [18, 6, 0, 0, ""]}, ("lua",)),
+    ],
+)
+def test_install_puts_the_entries_that_fit_the_resolve_an_entry_last_ran_in(tmp_path, capsys, seen, expected):
+    configure(resolve=seen)
+    install(tmp_path)
+    names = resolve_command.SINGLE_NAMES if len(expected) == 1 else resolve_command.PAIR_NAMES
+    assert sorted(path.name for path in (tmp_path / "Edit").iterdir()) == sorted(names[e] for e in expected)
+    why = [line for line in capsys.readouterr().out.splitlines() if line.startswith("why: ")]
+    assert len(why) == 1 and (seen is None or seen["product"] in why[0]), why
+
+
+def test_installing_other_entries_removes_the_ones_installed_before(tmp_path, capsys):
+    install(tmp_path, "--entry", "both")
+    install(tmp_path, "--entry", "lua")
+    assert [path.name for path in (tmp_path / "Edit").iterdir()] == ["Re-dub with retalk.lua"]
+    out = capsys.readouterr().out
+    assert all(f"removed {tmp_path / 'Edit' / name}" in out for name in resolve_command.PAIR_NAMES.values())
+
+
+def test_a_wheel_install_carries_both_entries(tmp_path):
+    """`retalk resolve install` from a wheel, away from this checkout, still finds the entries it copies."""
     source = tmp_path / "source"
     shutil.copytree(
         Path(__file__).resolve().parents[1],
         source,
-        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests"),
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "tests"),
     )
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", str(source), "-w", str(tmp_path)], check=True)
@@ -182,17 +220,7 @@ def test_a_wheel_install_carries_the_script_it_installs(tmp_path):
     code = "import sys, retalk, retalk.cli; print(retalk.__file__); sys.exit(retalk.cli.main(sys.argv[1:]))"
     scripts = tmp_path / "Scripts"
     run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "resolve",
-            "install",
-            "--scripts-dir",
-            str(scripts),
-            "--server",
-            "tcp://127.0.0.1:9",
-        ],
+        [sys.executable, "-c", code, "resolve", "install", "--scripts-dir", str(scripts), "--entry", "both"],
         env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
         cwd=tmp_path,
         capture_output=True,
@@ -200,8 +228,10 @@ def test_a_wheel_install_carries_the_script_it_installs(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0].startswith(str(tmp_path / "site"))  # the wheel's retalk ran
-    installed = (scripts / "Edit" / resolve_command.SCRIPT_NAME).read_text(encoding="utf-8")
-    assert "RETALK_SERVER = 'tcp://127.0.0.1:9'" in installed
+    installed = (scripts / "Edit" / resolve_command.PAIR_NAMES["python"]).read_text()
+    assert f"RETALK_PYTHON = {sys.executable!r}  # written by" in installed
+    installed = (scripts / "Edit" / resolve_command.PAIR_NAMES["lua"]).read_text()
+    assert lua_wired_python(installed) == sys.executable
 
 
 @pytest.mark.parametrize(
@@ -226,98 +256,112 @@ def test_macos_scripts_folder_is_under_the_users_library():
     )
 
 
-def test_install_refuses_a_server_that_is_not_an_endpoint(tmp_path, capsys):
-    assert retalk_main(["resolve", "install", "--scripts-dir", str(tmp_path), "--server", "http://x"]) == 1
-    assert "expected tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--server", "http://x"], "expected tcp://HOST:PORT or ipc://PATH"),
+        (["--server", "tcp://192.0.2.7:7878"], "requires CURVE: pass --keys DIR"),
+    ],
+)
+def test_install_refuses_a_server_it_cannot_reach(tmp_path, capsys, args, expected):
+    assert retalk_main(["resolve", "install", "--scripts-dir", str(tmp_path), *args]) == 1
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "Edit").exists()
 
 
-def test_the_script_not_installed_by_retalk_says_how_to_wire_it(media_root):
-    spec = importlib.util.spec_from_file_location(
-        "resolve_script_template", PLUGIN / resolve_command.SCRIPT_NAME
-    )
-    template = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(template)
-    resolve, shot, _ = scene(21, media_root)
-    ui = ScriptedUI(dict(TEST_OPTIONS, audio_track=1))
-    template.main(resolve, ui)
-    assert ui.messages == [
-        "retalk is not wired to this script: run `retalk resolve install` in retalk's environment"
+def test_install_checks_the_keys_folder(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert retalk_main(["keys", str(keys), "--name", "alice"]) == 0
+    command = ["resolve", "install", "--scripts-dir", str(tmp_path), "--server", "tcp://192.0.2.7:7878"]
+    assert retalk_main([*command, "--keys", str(keys)]) == 1
+    assert "no server.key in it" in capsys.readouterr().err
+    assert retalk_main(["keys", str(keys), "--name", "server"]) == 0  # server.key and server.key_secret
+    assert retalk_main(["keys", str(keys), "--name", "bob"]) == 0
+    assert retalk_main([*command, "--keys", str(keys)]) == 1
+    assert "expected one client key pair" in capsys.readouterr().err
+    (keys / "bob.key_secret").unlink()
+    assert retalk_main([*command, "--keys", str(keys)]) == 0
+    settings = resolve_bridge.Settings.load()
+    assert settings.keys == {"server": str(keys / "server.key"), "client": str(keys / "alice.key_secret")}
+
+
+@pytest.mark.parametrize("language", ["python", "lua"])
+def test_an_entry_not_installed_by_retalk_says_how_to_wire_it(media_root, language):
+    template = ENTRY_CLASSES[language](PLUGIN / resolve_command.SINGLE_NAMES[language])
+    resolve, _, _ = scene(21, media_root)
+    assert template.main(resolve) == [
+        "retalk: retalk is not wired to this script: run `retalk resolve install` in retalk's environment"
     ]
 
 
-# -- pure parts of the script ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "text, rate",
-    [
-        ("25", Fraction(25)),
-        ("29.97", Fraction(30000, 1001)),
-        ("29.97 DF", Fraction(30000, 1001)),
-        ("23.976", Fraction(24000, 1001)),
-        ("59.94 NDF", Fraction(60000, 1001)),
-        ("22.131", Fraction(22131, 1000)),
-    ],
-)
-def test_resolve_rate_strings_parse_exactly(script, text, rate):
-    assert script.parse_rate(text) == rate
+def test_the_lua_entry_run_whole_uses_the_resolve_it_is_given(media_root, server, tmp_path):
+    """As the menu runs it, or `dofile` in Resolve's Lua console: no module argument, `resolve` a global."""
+    entry = installed_entry("lua", server.endpoint, tmp_path)
+    resolve, _, _ = scene(21, media_root, selected=False)
+    resolve.timeline.playhead = 500
+    assert entry.run_as_script(resolve) == [
+        "retalk: No clip to re-dub: select a video clip on the Edit page, or park the playhead on one"
+    ]
 
 
-@pytest.mark.parametrize("text", ["", "fast", "0"])
-def test_unusable_rate_strings_are_a_message(script, text):
-    with pytest.raises(script.ScriptError):
-        script.parse_rate(text)
-
-
+# -- what the entries read in Resolve -------------------------------------------------------------------------
 @pytest.mark.parametrize("version", [18, 21])
 @pytest.mark.parametrize("audio_fps, expected", [("25", Fraction(10 + 3, 25)), ("24", 1 + Fraction(3, 25))])
-def test_audio_from_a_track_starts_where_the_shot_does(script, media_root, version, audio_fps, expected):
+def test_audio_from_a_track_starts_where_the_shot_does(entry, media_root, version, audio_fps, expected):
     """An audio clip at record 7 playing from its 10th (25 fps) or 24th (24 fps: 1 s) frame, under a shot at
     record 10: the line starts (source start) + 3 timeline frames into the file."""
-    resolve, shot_item, _ = scene(version, media_root)
+    resolve, _, _ = scene(version, media_root)
+    resolve.timeline.playhead = SHOT["record"]  # Resolve 18 has no selection reader
     line = resolve_fake.MediaPoolItem(media_root / "line.wav", {"FPS": audio_fps})
-    source_start = 10 if audio_fps == "25" else 24
-    audio_item = resolve.timeline.place(line, "audio", 2, 7, 30, source_start)
-    shot = script.Shot(resolve.project, shot_item, 1)
-    path, offset = script.audio_from_track_item(resolve.project, shot, audio_item)
-    assert path == str(media_root / "line.wav")
-    assert offset == expected
+    resolve.timeline.place(line, "audio", 2, 7, 30, 10 if audio_fps == "25" else 24)
+    request = entry.read_shot(resolve)
+    shot = resolve_bridge.Shot.from_facts(request["shot"])
+    clips = [resolve_bridge.AudioClip.from_facts(facts, shot) for facts in request["audio"]]
+    assert [(clip.track, clip.track_name, clip.path) for clip in clips] == [
+        (1, "A1", str(media_root / "line.wav")),
+        (2, "A2", str(media_root / "line.wav")),
+    ]
+    assert clips[0].offset == 0 and clips[1].offset == expected
 
 
 @pytest.mark.parametrize("version", [18, 21])
-def test_source_range_with_a_timeline_at_another_rate(script, media_root, version):
+def test_source_range_with_a_timeline_at_another_rate(entry, media_root, version):
     """A 25 fps clip cut into a 50 fps timeline for 12 timeline frames plays 6 source frames from frame 3."""
     resolve, shot_item, _ = scene(version, media_root, timeline_rate="50")
+    resolve.timeline.playhead = SHOT["record"]
     shot_item.duration = 12
-    shot = script.Shot(resolve.project, shot_item, 1)
+    request = entry.read_shot(resolve)
+    assert ("source_start" in request["shot"] and request["shot"]["source_start"] is not None) == (
+        version == 21
+    )
+    shot = resolve_bridge.Shot.from_facts(request["shot"])
     assert (shot.start, shot.end) == (3, 9)
     assert shot.rate == 25 and shot.timeline_rate == 50
 
 
-def test_without_uimanager_the_console_fallback_uses_the_highest_audio_track(script, media_root, capsys):
-    resolve, shot_item, _ = scene(21, media_root)
-    line = resolve.import_clip(media_root / "line.wav")
-    resolve.timeline.place(line, "audio", 3, 0, 40)
-    script.resolve = resolve  # what Resolve hands a menu script
-    try:
-        host, ui = script._host()  # the fake's Fusion() is None: no UIManager
-    finally:
-        del script.resolve
-    assert host is resolve and isinstance(ui, script.ConsoleUI)
-    shot = script.Shot(resolve.project, shot_item, 1)
-    tracks = script.audio_tracks_under(resolve.timeline, shot)
-    assert [track for track, _, _ in tracks] == [1, 3]
-    assert ui.ask(shot, tracks)["audio_track"] == 3
-    assert ui.ask(shot, []) is None
-    assert "put the replacement audio on an audio track" in capsys.readouterr().out
+def test_without_a_selection_the_clip_under_the_playhead_is_read(entry, media_root):
+    resolve, shot, decoy = scene(21, media_root, selected=False)
+    request = entry.read_shot(resolve)
+    assert (
+        request["shot"]["record_start"] == 0 and request["audio"] == []
+    )  # the decoy, with no audio under it
+    resolve.timeline.playhead = SHOT["record"] + 2
+    assert entry.read_shot(resolve)["shot"]["record_start"] == SHOT["record"]
+    assert request["host"] == {
+        "entry": entry.language,
+        "product": "DaVinci Resolve Studio",
+        "version": [21, 0, 0, 0, ""],
+    }
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
-def test_resolve21_redubs_the_selected_clip_as_a_new_take_and_a_rerun_adds_the_next(script, media_root):
+def test_resolve21_redubs_the_selected_clip_as_a_new_take_and_a_rerun_adds_the_next(entry, media_root):
     resolve, shot, decoy = scene(21, media_root)
-    ui = run(script, resolve, audio_track=1)
-    assert ui.messages and ui.messages[-1].startswith("Added the re-dub as take 2"), ui.messages
-    asked_shot, audio_tracks = ui.asked
-    assert asked_shot.item is shot and [track for track, _, _ in audio_tracks] == [1]
+    lines = entry.main(resolve)
+    assert message(lines, "Added the re-dub as take ") == "Added the re-dub as take 2 of 'shot.mp4'."
+    notice = message(lines, "retalk cannot open its window here")
+    assert "(no display: DISPLAY is not set)" in notice and "A1: line.wav" in notice
+    assert any(line.startswith("retalk: Re-dubbing: ") for line in lines), lines  # progress, in the console
     assert decoy.GetTakesCount() == 0
     assert shot.GetTakesCount() == 2 and shot.GetSelectedTakeIndex() == 2
     assert not shot.finalized  # the editor keeps flipping between takes
@@ -333,188 +377,214 @@ def test_resolve21_redubs_the_selected_clip_as_a_new_take_and_a_rerun_adds_the_n
     assert best_matching_source_frames(result, media_root / "shot.mp4") == list(range(start, start + 6))
     assert bin_clips(resolve) == ["shot_take2.mp4"]
 
-    ui = run(script, resolve, audio_track=1)
-    assert ui.messages[-1].startswith("Added the re-dub as take 3"), ui.messages
+    lines = entry.main(resolve)
+    assert message(lines, "Added the re-dub as take ") == "Added the re-dub as take 3 of 'shot.mp4'."
     assert shot.GetTakesCount() == 3 and shot.GetSelectedTakeIndex() == 3
     third = shot.GetTakeByIndex(3)["mediaPoolItem"]
     assert third.GetName() == "shot_take3.mp4"
     assert bin_clips(resolve) == ["shot_take2.mp4", "shot_take3.mp4"]
 
 
-def test_resolve18_redubs_the_clip_under_the_playhead_with_an_audio_file(script, media_root):
-    resolve, shot, decoy = scene(18, media_root)
+def test_resolve18_redubs_the_clip_under_the_playhead(entry, media_root):
+    resolve, shot, decoy = scene(18, media_root, edition="free")
     assert not hasattr(resolve.timeline, "GetSelectedClips") and not hasattr(shot, "GetSourceStartFrame")
     resolve.timeline.playhead = SHOT["record"] + 2
-    ui = run(script, resolve, audio_file=str(media_root / "line.wav"))
-    assert ui.messages[-1].startswith("Added the re-dub as take 2"), ui.messages
+    lines = entry.main(resolve)
+    assert message(lines, "Added the re-dub as take ") == "Added the re-dub as take 2 of 'shot.mp4'."
     assert decoy.GetTakesCount() == 0 and shot.GetSelectedTakeIndex() == 2
     take = shot.GetTakeByIndex(2)
     assert (take["startFrame"], take["endFrame"]) == (0, SHOT["duration"])
     result = Path(take["mediaPoolItem"].GetClipProperty("File Path"))
     start = SHOT["source_start"]
     assert best_matching_source_frames(result, media_root / "shot.mp4") == list(range(start, start + 6))
-
-
-def test_resolve21_without_a_selection_falls_back_to_the_playhead(script, media_root):
-    resolve, shot, decoy = scene(21, media_root, selected=False)
-    ui = ScriptedUI(None)  # the editor closes the dialog
-    script.main(resolve, ui)
-    assert ui.asked[0].item is decoy  # the dialog was offered for the clip under the playhead
-    assert ui.messages == []  # closing the dialog is the editor's own choice: nothing to say
-
-
-class Editor:
-    """Drives FusionUI's windows: fills the dialog, watches (or cancels) the progress, reads the message."""
-
-    def __init__(self, choices: dict, cancel_progress: bool = False):
-        self.choices = choices
-        self.cancel_progress = cancel_progress
-        self.progress_texts: list[str] = []
-        self.messages: list[str] = []
-
-    def __call__(self, window, dispatcher):
-        title = window.props["WindowTitle"]
-        items = window.GetItems()
-        if title == "Re-dub with retalk":
-            for box, value in self.choices.items():
-                items[box].CurrentIndex = items[box].entries.index(value)
-            if items["Source"].CurrentIndex == 0:
-                window.click("Browse")
-            window.click("Run")
-        elif title == "Re-dubbing with retalk":
-            self.progress_texts.append(items["Status"].Text)
-            if self.cancel_progress and items["Status"].Text.startswith("Re-dubbing"):
-                window.click("Cancel")
-            time.sleep(0.05)
-        else:
-            self.messages.append(next(w.Text for w in window.layout.walk() if w.kind == "Label"))
-            window.click("OK")
-
-
-def fusion_ui(script, editor: Editor, requested_file: str = ""):
-    fusion, bmd = resolve_fake.Fusion(requested_file), resolve_fake.Bmd(editor)
-    assert script.FusionUI.available(fusion, bmd)
-    return script.FusionUI(fusion, bmd)
-
-
-def test_the_uimanager_dialog_progress_and_message_end_to_end(script, media_root):
-    resolve, shot, _ = scene(21, media_root)
-    editor = Editor({"Source": "Audio file", "Engine": "preview", "Codec": "h264"})
-    script.main(resolve, fusion_ui(script, editor, requested_file=str(media_root / "line.wav")))
-    assert editor.messages and editor.messages[0].startswith("Added the re-dub as take 2"), editor.messages
-    assert any(text.startswith("Re-dubbing") for text in editor.progress_texts)
-    assert shot.GetSelectedTakeIndex() == 2
-    take = shot.GetTakeByIndex(2)["mediaPoolItem"]
-    assert media.default_extension("h264") != media.default_extension("prores")  # the choice is visible
-    assert Path(take.GetClipProperty("File Path")).suffix == media.default_extension("h264")
-
-
-def test_the_uimanager_progress_cancel_button_cancels_the_job(script, media_root, gate):
-    resolve, shot, _ = scene(21, media_root)
-    editor = Editor({"Source": "A1 (A1)", "Engine": "preview", "Codec": "h264"}, cancel_progress=True)
-    (gate / "open").unlink()  # the job waits at the gate until cancelled
-    try:
-        script.main(resolve, fusion_ui(script, editor))
-    finally:
-        (gate / "open").touch()
-    assert editor.messages == ["Re-dub cancelled; nothing was added"]
-    assert shot.GetTakesCount() == 0
-
-
-def test_closing_the_uimanager_dialog_does_nothing(script, media_root):
-    resolve, shot, _ = scene(21, media_root)
-
-    def close(window, dispatcher):
-        window.click("Cancel")
-
-    script.main(resolve, script.FusionUI(resolve_fake.Fusion(), resolve_fake.Bmd(close)))
-    assert shot.GetTakesCount() == 0 and bin_clips(resolve) == []
+    # the bridge noted where it ran: the next `retalk resolve install` puts the Lua entry (free edition)
+    seen = resolve_bridge.Settings.load().resolve
+    assert seen == {"entry": entry.language, "product": "DaVinci Resolve", "version": [18, 0, 0, 0, ""]}
 
 
 # -- failures reach the editor -------------------------------------------------------------------------------
-def test_no_clip_is_a_message(script, media_root):
+def test_no_clip_is_a_message(entry, media_root):
     resolve, _, _ = scene(18, media_root, selected=False)
     resolve.timeline.playhead = 500
-    ui = run(script, resolve, audio_track=1)
-    assert ui.asked is None
-    assert ui.messages == [
-        "No clip to re-dub: select a video clip on the Edit page, or park the playhead on one"
+    assert entry.main(resolve) == [
+        "retalk: No clip to re-dub: select a video clip on the Edit page, or park the playhead on one"
     ]
 
 
-def test_server_down_is_a_message(tmp_path, media_root, monkeypatch):
-    script = install(tmp_path, "tcp://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setattr(script, "CONNECT_TIMEOUT", 2.0)
+def test_several_selected_clips_are_a_message(entry, media_root):
+    resolve, shot, decoy = scene(21, media_root)
+    resolve.timeline.selection = [decoy, shot]
+    assert entry.main(resolve) == ["retalk: 2 video clips are selected; select just the one to re-dub"]
+
+
+def test_no_audio_under_the_shot_without_a_window_says_what_to_do(entry, media_root):
     resolve, shot, _ = scene(21, media_root)
-    ui = run(script, resolve, audio_track=1)
-    assert ui.messages == [
-        "cannot reach the retalk server at tcp://127.0.0.1:9; start it with `retalk serve`"
-    ]
+    resolve.timeline.tracks["audio"] = [[]]
+    [line] = entry.main(resolve)
+    assert line == (
+        "retalk: retalk cannot open its window here (no display: DISPLAY is not set), so no audio file can be "
+        "chosen: put the replacement audio on an audio track under the shot's first frame and run the script again"
+    )
+    assert shot.GetTakesCount() == 0
+
+
+def test_server_down_is_a_message(language, media_root, tmp_path):
+    entry = installed_entry(language, "tcp://127.0.0.1:9", tmp_path)  # nothing listens on the discard port
+    configure(connect_timeout=2.0)
+    resolve, shot, _ = scene(21, media_root)
+    lines = entry.main(resolve)
+    assert (
+        lines[-1]
+        == "retalk: cannot reach the retalk server at tcp://127.0.0.1:9; start it with `retalk serve`"
+    )
     assert shot.GetTakesCount() == 0 and bin_clips(resolve) == []
 
 
 @pytest.mark.parametrize("version, placed_on", [(21, "V2"), (18, None)])
-def test_a_refused_take_goes_on_the_track_above_or_stays_in_the_bin(script, media_root, version, placed_on):
+def test_a_refused_take_goes_on_the_track_above_or_stays_in_the_bin(entry, media_root, version, placed_on):
     resolve, shot, _ = scene(version, media_root)
     resolve.timeline.playhead = SHOT["record"]  # Resolve 18 has no selection reader
     resolve.project.takes_refused = True
-    ui = run(script, resolve, audio_track=1)
+    lines = entry.main(resolve)
     assert shot.GetTakesCount() == 0
     [name] = bin_clips(resolve)
     if placed_on:
-        assert ui.messages[-1].startswith(f"Resolve refused the take; the re-dub is on {placed_on} above"), (
-            ui.messages
+        text = message(lines, "Resolve refused the take")
+        assert (
+            text
+            == f"Resolve refused the take; the re-dub is on {placed_on} above 'shot.mp4' at the same frame."
         )
         [above] = resolve.timeline.GetItemListInTrack("video", 2)
         assert above.GetName() == name
         assert (above.GetStart(), above.GetDuration()) == (SHOT["record"], SHOT["duration"])
     else:
-        first_line = ui.messages[-1].splitlines()[0]  # the pipeline's warnings follow, one a line
-        assert first_line == f"Resolve refused the take; the re-dub is in the 'retalk' bin: {name}"
+        text = message(lines, "Resolve refused the take")
+        assert text == f"Resolve refused the take; the re-dub is in the 'retalk' bin: {name}"
         assert resolve.timeline.GetTrackCount("video") == 1 and len(resolve.timeline.items()) == 2
 
 
-def test_import_failing_is_a_message_naming_the_file(script, media_root):
+def test_import_failing_is_a_message_naming_the_file(entry, media_root):
     resolve, shot, _ = scene(21, media_root)
     resolve.project.import_fails = True
-    ui = run(script, resolve, audio_track=1)
-    [text] = ui.messages
+    text = message(entry.main(resolve), "Resolve could not import the re-dub")
     assert text.startswith("Resolve could not import the re-dub; it is at ")
     assert Path(text.rsplit(" ", 1)[1]).is_file()
     assert shot.GetTakesCount() == 0
 
 
-def test_unsupported_media_is_a_message(script, media_root):
+def test_unsupported_media_is_a_message(entry, media_root):
     resolve, shot, _ = scene(21, media_root)
     shot.media = resolve_fake.MediaPoolItem(media_root / "broken.mp4", {"FPS": "25", "Frames": "40"})
-    ui = run(script, resolve, audio_track=1)
-    [text] = ui.messages
-    assert text.startswith("unsupported media: "), text
+    text = message(entry.main(resolve), "unsupported media: ")
     assert "\n" not in text
-
-
-def test_a_failed_job_is_a_message_with_the_servers_reason(script, media_root):
-    resolve, shot, _ = scene(21, media_root)
-    ui = run(script, resolve, audio_file=str(media_root / "silence.wav"))
-    [text] = ui.messages
-    assert text.startswith("the re-dub failed: ") and "silent" in text, text
     assert shot.GetTakesCount() == 0
 
 
-def test_cancel_stops_the_job_and_adds_nothing(script, media_root, gate):
+def test_a_failed_job_is_a_message_with_the_servers_reason(entry, media_root):
     resolve, shot, _ = scene(21, media_root)
+    silence = resolve.import_clip(media_root / "silence.wav")
+    resolve.timeline.place(silence, "audio", 2, SHOT["record"], 40)  # the highest track is the one used
+    text = message(entry.main(resolve), "the re-dub failed: ")
+    assert "silent" in text, text
+    assert shot.GetTakesCount() == 0
+
+
+def test_a_job_cancelled_elsewhere_adds_nothing(entry, media_root, server, gate):
+    """`retalk cancel` from another machine while the job waits: the entry says so and places nothing."""
+    resolve, shot, _ = scene(21, media_root)
+    before = len(started_markers(gate))
+
+    def cancel_when_started():
+        wait_for(lambda: len(started_markers(gate)) > before, 120, "the job to reach the gate")
+        with Client(server.endpoint, name="test-canceller") as client:
+            [job] = client.list_jobs(states=["running"])
+            client.cancel(job["job"])
+
     (gate / "open").unlink()  # the job waits at the gate until cancelled
+    canceller = threading.Thread(target=cancel_when_started)
+    canceller.start()
     try:
-        ui = ScriptedUI(dict(TEST_OPTIONS, audio_track=1), cancel=True)
-        script.main(resolve, ui)
+        lines = entry.main(resolve)
     finally:
         (gate / "open").touch()
-    assert ui.messages == ["Re-dub cancelled; nothing was added"]
-    assert "Cancelling..." in ui.statuses
+        canceller.join()
+    assert lines[-1] == "retalk: Re-dub cancelled; nothing was added"
     assert shot.GetTakesCount() == 0 and bin_clips(resolve) == []
 
 
-# -- only documented Resolve methods -----------------------------------------------------------------------
+def test_the_bridge_cancels_the_job_when_its_entry_goes_away(server, media_root, gate, tmp_path):
+    """Resolve quits mid-job: the bridge's next line (a status, or its keep-alive) finds nobody reading."""
+    entry = installed_entry("python", server.endpoint, tmp_path / "Scripts")
+    resolve, shot, _ = scene(21, media_root)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(entry.read_shot(resolve)))
+    (gate / "open").unlink()  # the job waits at the gate until cancelled
+    try:
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "retalk.resolve_bridge", str(request)], stdout=subprocess.PIPE, text=True
+        )
+        for line in bridge.stdout:
+            if match := re.search(r"as job (\S+)", json.loads(line).get("text", "")):
+                break
+        bridge.stdout.close()  # the entry is gone
+        assert bridge.wait(timeout=60) == 0
+    finally:
+        (gate / "open").touch()
+    with Client(server.endpoint, name="test-watcher") as client:
+        assert client.watch(match.group(1))["state"] == "cancelled"
+    assert not (Path(json.loads(request.read_text())["shot"]["path"]).parent / "retalk").exists()
+
+
+# -- a server on another machine: CURVE ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def curve_server(tmp_path_factory, media_root):
+    """A CURVE server on loopback admitting alice's key (not mallory's); its media root is not the clips' folder,
+    so the bridge uploads them, as it would to another machine."""
+    keys = tmp_path_factory.mktemp("server-keys")
+    allowed = tmp_path_factory.mktemp("allowed")
+    alice, mallory = tmp_path_factory.mktemp("alice"), tmp_path_factory.mktemp("mallory")
+    for folder, name in ((keys, "server"), (alice, "alice"), (mallory, "mallory")):
+        assert retalk_main(["keys", str(folder), "--name", name]) == 0
+    for folder in (alice, mallory):
+        shutil.copy(keys / "server.key", folder)
+    shutil.copy(alice / "alice.key", allowed)
+    process = ServerProcess(
+        tmp_path_factory.mktemp("curve-state") / "state",
+        tmp_path_factory.mktemp("curve-media"),
+        "--workers",
+        "1",
+        "--server-key",
+        str(keys / "server.key_secret"),
+        "--allow",
+        str(allowed),
+    )
+    yield process, alice, mallory
+    process.stop()
+
+
+def test_a_curve_server_redubs_with_the_installed_keys(language, media_root, tmp_path, curve_server):
+    server, alice, _ = curve_server
+    entry = installed_entry(language, server.endpoint, tmp_path, "--keys", str(alice))
+    resolve, shot, _ = scene(21, media_root)
+    lines = entry.main(resolve)
+    assert message(lines, "Added the re-dub as take ") == "Added the re-dub as take 2 of 'shot.mp4'."
+    result = Path(shot.GetTakeByIndex(2)["mediaPoolItem"].GetClipProperty("File Path"))
+    assert media.probe(result).frame_count == SHOT["duration"]
+
+
+def test_a_key_the_server_does_not_allow_is_a_message(language, media_root, tmp_path, curve_server):
+    server, _, mallory = curve_server
+    entry = installed_entry(language, server.endpoint, tmp_path, "--keys", str(mallory))
+    configure(connect_timeout=2.0)
+    resolve, shot, _ = scene(21, media_root)
+    assert entry.main(resolve)[-1] == (
+        f"retalk: cannot reach the retalk server at {server.endpoint}: is `retalk serve` running there, "
+        "and is mallory.key in its --allow folder?"
+    )
+    assert shot.GetTakesCount() == 0
+
+
+# -- the entries' code ---------------------------------------------------------------------------------------
 def readme_methods() -> dict[str, set[str]]:
     """Class -> method names, parsed from the README's API listing."""
     classes: dict[str, set[str]] = {}
@@ -527,17 +597,12 @@ def readme_methods() -> dict[str, set[str]]:
     return classes
 
 
-# Fusion's UIManager, documented in the Fusion scripting guide rather than Resolve's README; the script uses it
-# only inside its FusionUI class, and these are the names it may use there.
-UI_MANAGER = {
-    "UIManager", "UIDispatcher", "AddWindow", "VGroup", "HGroup", "Label", "Button", "LineEdit", "ComboBox",
-    "Timer", "GetItems", "AddItem", "Show", "Hide", "RunLoop", "ExitLoop", "Start", "Stop", "RequestFile",
-}  # fmt: skip
-
-
-def called_names(tree: ast.AST, modules: set[str]) -> set[str]:
-    """CamelCase method names called on objects (not on the imported ``modules``), plus names probed through
-    the script's ``_method(obj, name)``."""
+def python_entry_calls() -> set[str]:
+    """CamelCase method names the Python entry calls on objects (not on its imported modules), plus the names
+    it probes through ``_probe(obj, name)``."""
+    tree = ast.parse((PLUGIN / resolve_command.SINGLE_NAMES["python"]).read_text())
+    modules = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    assert {"subprocess", "json"} <= modules
     names = set()
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -546,32 +611,51 @@ def called_names(tree: ast.AST, modules: set[str]) -> set[str]:
         if isinstance(func, ast.Attribute) and func.attr[:1].isupper():
             if getattr(func.value, "id", None) not in modules:
                 names.add(func.attr)
-        elif getattr(func, "id", None) == "_method":
+        elif getattr(func, "id", None) == "_probe":
             names.add(node.args[1].value)
     return names
 
 
-def test_the_script_calls_only_methods_the_readme_documents():
+def lua_source_without_comments() -> str:
+    source = (PLUGIN / resolve_command.SINGLE_NAMES["lua"]).read_text()
+    source = re.sub(r"--\[\[.*?\]\]", "", source, flags=re.S)
+    return re.sub(r"--[^\n]*", "", source)
+
+
+def lua_entry_calls() -> set[str]:
+    """CamelCase method names the Lua entry calls (``obj:Name(``), plus the names it probes (``probe(obj, "Name")``)."""
+    source = lua_source_without_comments()
+    return set(re.findall(r":([A-Z]\w*)\s*\(", source)) | set(
+        re.findall(r'probe\(\w+,\s*"([A-Z]\w*)"\)', source)
+    )
+
+
+def test_the_entries_call_only_methods_the_readme_documents_and_the_same_ones():
     documented = set().union(*readme_methods().values())
-    tree = ast.parse((PLUGIN / resolve_command.SCRIPT_NAME).read_text())
-    fusion_ui = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "FusionUI")
-    outside = ast.Module(body=[node for node in tree.body if node is not fusion_ui], type_ignores=[])
-    modules = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    assert {"subprocess", "queue"} <= modules
-    resolve_calls = called_names(outside, modules)
-    assert {
-        "AddTake",
-        "SelectTakeByIndex",
-        "GetSelectedClips",
-        "ImportMedia",
-    } <= resolve_calls  # the scan works
-    assert resolve_calls - documented == set()
-    assert called_names(fusion_ui, modules) - documented - UI_MANAGER == set()
+    python_calls, lua_calls = python_entry_calls(), lua_entry_calls()
+    scanned = {"AddTake", "SelectTakeByIndex", "GetSelectedClips", "GetSourceStartFrame", "ImportMedia"}
+    assert scanned <= python_calls and scanned <= lua_calls  # the scans work
+    assert python_calls - documented == set()
+    assert lua_calls - documented == set()
+    assert python_calls == lua_calls  # the two entries differ in language only
 
 
-def test_the_script_is_python_3_6():
+def report_codes(source: str, patterns: list[str]) -> set[str]:
+    return {code for pattern in patterns for code in re.findall(pattern, source)}
+
+
+def test_every_outcome_the_entries_report_is_one_the_bridge_words():
+    python = (PLUGIN / resolve_command.SINGLE_NAMES["python"]).read_text()
+    lua = lua_source_without_comments()
+    python_codes = report_codes(python, [r'Failure\("([a-z-]+)"', r'"code": "([a-z-]+)"'])
+    lua_codes = report_codes(lua, [r'failure\("([a-z-]+)"', r'code = "([a-z-]+)"'])
+    assert len(python_codes) >= 10 and python_codes == lua_codes
+    assert python_codes == set(resolve_bridge.REPORTS)
+
+
+def test_the_python_entry_is_python_3_6():
     """Resolve runs scripts under whatever Python 3 it finds, from 3.6 on."""
-    source = (PLUGIN / resolve_command.SCRIPT_NAME).read_text()
+    source = (PLUGIN / resolve_command.SINGLE_NAMES["python"]).read_text()
     ast.parse(source, feature_version=(3, 6))
     with pytest.raises(SyntaxError):  # the check does reject newer syntax
         ast.parse(source + "\nif (n := 1):\n    pass\n", feature_version=(3, 6))

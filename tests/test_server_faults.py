@@ -19,6 +19,7 @@ from retalk_protocol.client import Client
 from retalk_protocol.codec import ProtocolError
 from retalk_server import ServerConfig
 from server_support import (
+    GATE_AT_ENV,
     GATE_ENV,
     GATED_RUNNER,
     IdlePool,
@@ -47,12 +48,13 @@ def _pid(marker: Path) -> int:
 
 
 class Harness:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, gate_at: str = "start"):
         self.media = tmp / "media"
         make_media(self.media)
         self.gate = tmp / "gate"
         self.gate.mkdir()
         self.state = tmp / "state"
+        self.gate_at = gate_at
         self.server = self.start()
 
     def start(self, endpoint: str = "tcp://127.0.0.1:0") -> ServerProcess:
@@ -61,12 +63,12 @@ class Harness:
             self.media,
             "--workers",
             "1",
-            "--retries",
+            "--attempts",
             "2",
             "--runner",
             GATED_RUNNER,
             endpoint=endpoint,
-            env={GATE_ENV: str(self.gate)},
+            env={GATE_ENV: str(self.gate), GATE_AT_ENV: self.gate_at},
         )
 
     def client(self) -> Client:
@@ -80,13 +82,15 @@ class Harness:
     def open_gate(self) -> None:
         (self.gate / "open").touch()
 
-    def wait_for_attempt(self, count: int) -> Path:
+    def wait_for_attempt(self, count: int, kind: str = "started") -> Path:
         return wait_for(
             lambda: (
-                started_markers(self.gate)[count - 1] if len(started_markers(self.gate)) >= count else None
+                started_markers(self.gate, kind)[count - 1]
+                if len(started_markers(self.gate, kind)) >= count
+                else None
             ),
             180,
-            f"attempt #{count} to reach the gate",
+            f"attempt #{count} to reach the {kind} gate",
         )
 
 
@@ -98,17 +102,23 @@ def harness(tmp_path_factory):
 
 
 def test_s8_1_server_killed_mid_job_resumes_and_completes_once(harness):
+    """A client following the job across the crash gets its end: follow() re-WATCHes after silence, and the
+    restarted server's hello-required makes it HELLO again (§4.9)."""
     with harness.client() as client:
         job = client.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS)
-    first = harness.wait_for_attempt(1)
-    endpoint = harness.server.endpoint
-    harness.server.kill()  # SIGKILL mid-job: the journal is all that survives
-    wait_for(lambda: not _alive(_pid(first)), 30, "the orphaned worker to exit with its server")
-    harness.server = harness.start(endpoint)
-    harness.wait_for_attempt(2)
-    harness.open_gate()
+    follower = harness.client()
+    with ThreadPoolExecutor(1) as pool:
+        following = pool.submit(follower.follow, job, timeout=300)
+        first = harness.wait_for_attempt(1)
+        endpoint = harness.server.endpoint
+        harness.server.kill()  # SIGKILL mid-job: the journal is all that survives
+        wait_for(lambda: not _alive(_pid(first)), 30, "the orphaned worker to exit with its server")
+        harness.server = harness.start(endpoint)
+        harness.wait_for_attempt(2)
+        harness.open_gate()
+        final = following.result(timeout=300)
+    follower.close()
     with harness.client() as client:
-        final = client.wait(job, timeout=300)
         listed = [entry for entry in client.list_jobs() if entry["job"] == job]
     assert final["state"] == "done" and final["result"]["frames"] == 6
     assert final["attempt"] == 1  # the crash is not the job's fault
@@ -127,7 +137,7 @@ def test_s8_2_a_killed_worker_is_retried(harness):
         retry = harness.wait_for_attempt(before + 2)
         assert _pid(retry) != _pid(marker)  # a fresh worker took the job
         harness.open_gate()
-        final = client.wait(job, timeout=300)
+        final = client.follow(job, timeout=300)
     assert final["state"] == "done" and final["attempt"] == 2
 
 
@@ -138,7 +148,7 @@ def test_s8_2_a_job_whose_worker_keeps_dying_fails_with_the_reason(harness):
         job = client.submit("clip.mp4", "tone.wav", engine="preview")
         for attempt in (1, 2):
             os.kill(_pid(harness.wait_for_attempt(before + attempt)), signal.SIGKILL)
-        final = client.wait(job, timeout=300)
+        final = client.follow(job, timeout=300)
     assert final["state"] == "failed" and final["attempt"] == 2
     assert final["error"]["code"] == "failed" and not final["error"]["retryable"]
     assert "died" in final["error"]["message"] and "gave up after 2 attempts" in final["error"]["message"]
@@ -156,10 +166,9 @@ def test_s4_5_cancel_a_queued_and_a_running_job(harness):
             next(client.render(running))  # §4.6: no result yet
         assert err.value.code == "not-ready" and err.value.retryable
         assert client.cancel(queued) == "cancelled"
-        assert client.cancel(running) == "running"  # stops at its next check
-        final = client.wait(running, timeout=120)
+        final = client.follow(running, cancel=lambda: True, timeout=120)  # CANCEL; it stops at its next check
         assert final["state"] == "cancelled"
-        assert client.wait(queued, timeout=10)["state"] == "cancelled"
+        assert client.follow(queued, timeout=10)["state"] == "cancelled"
         assert client.status()["queue"] == []
     assert not (harness.state / "jobs" / running / "result.mp4").exists()
     assert len(started_markers(harness.gate)) == before + 1  # the queued job never ran
@@ -176,7 +185,7 @@ def test_s4_3_higher_priority_runs_first_then_submission_order(harness):
         assert client.status()["queue"] == [*high, low]
         for job in (low, *high, running):
             client.cancel(job)
-        assert client.wait(running, timeout=120)["state"] == "cancelled"
+        assert client.follow(running, timeout=120)["state"] == "cancelled"
 
 
 @pytest.fixture
@@ -230,6 +239,50 @@ def test_s4_3_a_client_gone_before_accepted_leaves_no_job(slow_probe_server):
     raw.send_multipart(codec.encode("BYE", 3))
     wait_for(lambda: not server.sessions, 10, "the server to drop the session")
     gate.set()
-    wait_for(lambda: not server.pending, 10, "the probe to end")
+    wait_for(lambda: not server.jobs.pending, 10, "the probe to end")
     raw.close()
     assert server.journal.counts() == {} and not any((server.state_dir / "jobs").iterdir())
+
+
+@pytest.fixture(scope="module")
+def render_harness(tmp_path_factory):
+    """Jobs held after their first frames went into the partial result file (the render gate)."""
+    harness = Harness(tmp_path_factory.mktemp("render-gate"), gate_at="render")
+    yield harness
+    harness.server.stop()
+
+
+def _worker_of(marker: Path) -> int:
+    return int(marker.name.split("-")[1])
+
+
+def test_s8_1_s8_3_killed_mid_render_again_and_again_the_job_folder_ends_with_the_result_only(render_harness):
+    """Kill the server mid-render three times: once alone (its worker must leave at once, without a word),
+    then twice with its worker, as a power cut does (leaving the partial file behind). The job runs again
+    each time; in the end its folder holds the result and nothing else."""
+    harness = render_harness
+    with harness.client() as client:
+        job = client.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS)
+    folder = harness.state / "jobs" / job
+    endpoint = harness.server.endpoint
+    stale_seen = 0
+    for crash in range(1, 4):
+        worker = _worker_of(harness.wait_for_attempt(crash, "rendering"))
+        partials = [p.name for p in folder.iterdir() if p.name.endswith(".part")]
+        assert len(partials) == 1, partials  # mid-render: the partial result exists
+        harness.server.kill()
+        if crash == 1:  # the server alone: its worker finds out and leaves
+            wait_for(lambda worker=worker: not _alive(worker), 30, "the worker to leave with its server")
+        else:
+            os.kill(worker, signal.SIGKILL)
+            stale_seen += any(p.name.endswith(".part") for p in folder.iterdir())
+        harness.server = harness.start(endpoint)
+    harness.wait_for_attempt(4, "rendering")
+    harness.open_gate()
+    with harness.client() as client:
+        final = client.follow(job, timeout=300)
+    assert final["state"] == "done" and final["attempt"] == 1  # crashes are not the job's fault
+    assert stale_seen == 2  # the power cuts did leave partial files ...
+    assert sorted(p.name for p in folder.iterdir()) == ["result.mkv"]  # ... and the reruns removed them
+    log = harness.server.log.read_text()
+    assert "Traceback" not in log and "BrokenPipe" not in log  # workers left quietly

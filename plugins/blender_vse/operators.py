@@ -9,7 +9,7 @@ from fractions import Fraction
 import bpy
 
 from . import compat, options
-from .session import JobSpec, RedubSession, ServerSettings
+from .session import RedubSession, ServerSettings, Submission
 
 _TIMER_STEP = 0.1  # seconds between progress polls
 _TOP_CHANNEL = 128
@@ -98,8 +98,9 @@ def _free_channel(editor, above: int, start: int, end: int) -> int:
     raise RedubError(f"no free channel above channel {above} for frames {start}-{end}")
 
 
-def build_job(context, props) -> tuple[JobSpec, dict]:
-    """Read the strip, the audio and the options from Blender; returns the spec and where the result goes."""
+def build_job(context, props) -> tuple[Submission, dict]:
+    """Read the strip, the audio and the options from Blender; returns the submission and where the result
+    goes."""
     scene = context.scene
     editor = scene.sequence_editor
     movie = selected_movie_strip(context)
@@ -155,7 +156,7 @@ def build_job(context, props) -> tuple[JobSpec, dict]:
     folder = bpy.path.abspath(options.RESULT_FOLDER)
     take = _take_number(editor, movie, folder)
     os.makedirs(folder, exist_ok=True)
-    spec = JobSpec(
+    submission = Submission(
         video=video,
         audio=audio,
         start=start,
@@ -164,17 +165,13 @@ def build_job(context, props) -> tuple[JobSpec, dict]:
         audio_offset=offset,
         engine=props.engine,
         options={
-            "expression": props.expression,
-            "upper_face": props.upper_face,
-            "fit": props.fit,
-            "extend": props.extend,
-            "face": props.face.strip() or "largest",
-            "codec": props.codec,
+            option.name: options.submitted_value(option, getattr(props, option.name))
+            for option in options.JOB_OPTIONS.values()
         },
         output_stem=os.path.join(folder, f"{_file_stem(movie.name)}_take{take}"),
     )
     target = {"movie": movie.name, "take": take, "first": first, "last": last}
-    return spec, target
+    return submission, target
 
 
 class RedubTask:
@@ -259,27 +256,7 @@ class SEQUENCER_OT_retalk_redub(bpy.types.Operator):
     )
     audio_file: bpy.props.StringProperty(name="Audio file", subtype="FILE_PATH")
     audio_offset: bpy.props.FloatProperty(name="Audio offset", description="Seconds into the file", min=0.0)
-    engine: bpy.props.EnumProperty(name="Engine", items=options.enum_items(options.ENGINES), default="auto")
-    expression: bpy.props.EnumProperty(
-        name="Expression", items=options.enum_items(options.EXPRESSIONS), default="neutral"
-    )
-    upper_face: bpy.props.EnumProperty(
-        name="Upper face", items=options.enum_items(options.UPPER_FACE), default="none"
-    )
-    fit: bpy.props.EnumProperty(
-        name="Length",
-        items=options.enum_items(
-            options.FIT_MODES, {"video": "Keep the shot's length", "audio": "Follow the audio's length"}
-        ),
-        default="video",
-    )
-    extend: bpy.props.EnumProperty(
-        name="Extend", items=options.enum_items(options.EXTEND_MODES), default="loop"
-    )
-    face: bpy.props.StringProperty(
-        name="Face", description="largest, a face index, or X,Y of a point on the face", default="largest"
-    )
-    codec: bpy.props.EnumProperty(name="Codec", items=options.enum_items(options.CODECS), default="h264")
+    # + one property per job option, added from the table below the class
 
     _task = None  # the RedubTask this modal run follows
     _timer = None
@@ -303,8 +280,10 @@ class SEQUENCER_OT_retalk_redub(bpy.types.Operator):
         if self.audio_source == "FILE":
             layout.prop(self, "audio_file")
             layout.prop(self, "audio_offset")
-        for name in ("engine", "expression", "upper_face", "fit", "extend", "face", "codec"):
-            layout.prop(self, name)
+        for option in options.FIELDS:  # an option the chosen engine ignores is shown disabled
+            row = layout.row()
+            row.enabled = options.honoured(option, self.engine)
+            row.prop(self, option.name)
 
     def execute(self, context):
         settings = server_settings(context)
@@ -316,11 +295,11 @@ class SEQUENCER_OT_retalk_redub(bpy.types.Operator):
             )
             return {"CANCELLED"}
         try:
-            spec, target = build_job(context, self)
+            submission, target = build_job(context, self)
         except RedubError as err:
             self.report({"ERROR"}, str(err))
             return {"CANCELLED"}
-        session = RedubSession(settings, spec, client_name=f"blender-vse/{bpy.app.version_string}")
+        session = RedubSession(settings, submission, client_name=f"blender-vse/{bpy.app.version_string}")
         session.start()
         task = RedubTask(context.scene, session, target)
         if bpy.app.background or context.window is None:
@@ -349,6 +328,24 @@ class SEQUENCER_OT_retalk_redub(bpy.types.Operator):
             return {"FINISHED"}  # the strips were added in this call: one undo step
         self.report({"WARNING"} if task.session.state == "cancelled" else {"ERROR"}, task.message)
         return {"CANCELLED"}
+
+
+def option_property(option):
+    """The bpy property of a job option (retalk_protocol.options): its label, help, type, choices, default."""
+    common = {"name": options.label(option), "description": option.help, "default": option.default}
+    if option.type is bool:
+        return bpy.props.BoolProperty(**common)
+    if option.type is int:
+        return bpy.props.IntProperty(**common)
+    if option.choices:  # a path option offers its named choices here; its files are picked elsewhere
+        return bpy.props.EnumProperty(items=options.enum_items(option.choices), **common)
+    return bpy.props.StringProperty(**common)
+
+
+# One field per job option, made from the table: a new option appears in the dialog without an edit here.
+SEQUENCER_OT_retalk_redub.__annotations__.update(
+    {option.name: option_property(option) for option in options.FIELDS}
+)
 
 
 def draw_menu(self, context):

@@ -66,7 +66,9 @@ class RetalkPreferences(bpy.types.AddonPreferences):
         name="Timeout", description="Seconds to wait for the server's replies", default=10.0, min=1.0
     )
     codec: bpy.props.EnumProperty(
-        name="Result codec", items=options.enum_items(options.CODECS), default="h264"
+        name="Result codec",
+        items=options.enum_items(options.JOB_OPTIONS["codec"].choices),
+        default=options.JOB_OPTIONS["codec"].default,
     )
 
     def draw(self, context):

@@ -1,21 +1,16 @@
 """One re-dub conversation with a retalk server, run on a background thread so Blender never waits on the network.
 
-No bpy here: the operator reads everything it needs from Blender first (a JobSpec), then polls a RedubSession
-from its timer. All socket work stays on the session's own thread (ZeroMQ sockets are not thread-safe).
+No bpy here: the operator reads everything it needs from Blender first (a Submission), then polls a
+RedubSession from its timer. All socket work stays on the session's own thread (ZeroMQ sockets are not
+thread-safe); submitting, uploading and following the job are the protocol client's (retalk_protocol.client).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass
 from fractions import Fraction
-
-# Media the server cannot read from its media roots are uploaded instead (PROTOCOL.md §4.2, §6.2).
-_UPLOAD_ON = ("forbidden", "not-found")
-_CANCEL_GRACE = 30.0  # seconds to wait for the server to confirm a cancel
-_REWATCH_AFTER = 2.0  # seconds of silence after which the job's state is asked for again
 
 
 @dataclass
@@ -27,7 +22,9 @@ class ServerSettings:
 
 
 @dataclass
-class JobSpec:
+class Submission:
+    """What the add-on asks the server for: the strip's frames, the new audio and the job options."""
+
     video: str
     audio: str
     start: int
@@ -42,9 +39,9 @@ class JobSpec:
 class RedubSession:
     """Submit, follow and fetch one job; ``poll()`` from the UI thread, ``cancel()`` from anywhere."""
 
-    def __init__(self, server: ServerSettings, spec: JobSpec, client_name: str = "blender-vse"):
+    def __init__(self, server: ServerSettings, submission: Submission, client_name: str = "blender-vse"):
         self.server = server
-        self.spec = spec
+        self.submission = submission
         self.client_name = client_name
         self.state = "connecting"  # connecting, uploading, queued, running, fetching, done, failed, cancelled
         self.stage = ""
@@ -114,78 +111,37 @@ class RedubSession:
             server_key=server_key,
             client_key=client_key,
             timeout=self.server.timeout,
+            connect_timeout=self.server.timeout,  # a server the add-on just started may take a while to bind
         )
         try:
             client.connect()
-            job = self._submit(client)
-            self._set(job=job, state="queued")
-            final = self._follow(client, job)
+            submission = self.submission
+            job = client.submit_or_upload(
+                submission.video,
+                submission.audio,
+                on_upload=lambda: self._set(state="uploading", media_sent="upload"),
+                start=submission.start,
+                end=submission.end,
+                rate=submission.rate,
+                audio_offset=submission.audio_offset,
+                engine=submission.engine,
+                options=submission.options,
+            )
+            self._set(job=job, state="queued", media_sent=self.media_sent or "path")
+            final = client.follow(job, cancel=self._cancel.is_set, on_progress=self._show)
             if final["state"] != "done":
                 error = final.get("error") or {}
                 message = error.get("message") or f"the job ended {final['state']}"
                 self._set(state="cancelled" if final["state"] == "cancelled" else "failed", error=message)
                 return
             self._set(state="fetching", result=dict(final.get("result") or {}))
-            partial = self.spec.output_stem + ".fetching"
+            partial = submission.output_stem + ".fetching"
             info = client.fetch(job, partial)
-            output = self.spec.output_stem + info["extension"]
+            output = submission.output_stem + info["extension"]
             os.replace(partial, output)
             self._set(output=output, state="done")
         finally:
             client.close()
-
-    def _submit(self, client) -> str:
-        from retalk_protocol.codec import ProtocolError
-
-        spec = self.spec
-        kwargs = dict(
-            start=spec.start,
-            end=spec.end,
-            rate=spec.rate,
-            audio_offset=spec.audio_offset,
-            engine=spec.engine,
-            options=spec.options,
-        )
-        try:
-            job = client.submit(spec.video, spec.audio, **kwargs)
-            self._set(media_sent="path")
-            return job
-        except ProtocolError as err:
-            if err.code not in _UPLOAD_ON:
-                raise
-        self._set(state="uploading", media_sent="upload")
-        clip = {"upload": client.upload(spec.video)}
-        audio = {"upload": client.upload(spec.audio)}
-        return client.submit(clip, audio, **kwargs)
-
-    def _follow(self, client, job: str) -> dict:
-        """Progress until the job ends; a cancel request is sent from here, on this thread."""
-        from retalk_protocol.codec import FINAL_STATES, ProtocolError
-
-        current = client.watch(job).fields
-        heard = time.monotonic()
-        cancel_sent = None
-        while True:
-            self._show(current)
-            if current["state"] in FINAL_STATES:
-                return current
-            if self._cancel.is_set() and cancel_sent is None:
-                cancel_sent = time.monotonic()
-                try:
-                    state = client.cancel(job)
-                except ProtocolError as err:
-                    if err.code != "invalid":
-                        raise
-                    state = None  # it finished just now: its final event says how
-                if state in FINAL_STATES:
-                    return dict(current, state=state)
-            if cancel_sent is not None and time.monotonic() - cancel_sent > _CANCEL_GRACE:
-                return dict(current, state="cancelled")
-            event = client.next_event(timeout=0.1)
-            if event is not None and event["job"] == job:
-                current, heard = event.fields, time.monotonic()
-            elif time.monotonic() - heard > _REWATCH_AFTER:
-                current, heard = client.watch(job).fields, time.monotonic()
 
     def _show(self, event: dict) -> None:
         state = event["state"] if event["state"] in ("queued", "running") else self.state

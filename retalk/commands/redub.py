@@ -7,31 +7,19 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from retalk_protocol import options as job_options
+
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline import RedubRequest, redub
-from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
-from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 from retalk.progress import JsonLines, StageBars
 
 
 def add_render_options(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``redub`` and ``demo`` (everything after the inputs)."""
-    parser.add_argument(
-        "--engine", choices=ENGINES, default="auto", help="auto = neural when its checkpoints exist"
-    )
+    """The options shared by ``redub`` and ``demo`` (everything after the inputs): the job options of
+    ``retalk_protocol.options``, then where the work runs."""
+    job_options.add_arguments(parser)
     parser.add_argument("--checkpoints", type=Path, help="folder with the official checkpoint files")
-    parser.add_argument("--expression", default="neutral", help="neutral | smile | path of an image")
-    parser.add_argument("--upper-face", choices=UPPER_FACE, default="none")
-    parser.add_argument(
-        "--fit", choices=FIT_MODES, default="video", help="video: keep the range; audio: follow it"
-    )
-    parser.add_argument(
-        "--extend", choices=EXTEND_MODES, default="loop", help="with --fit audio and a longer audio"
-    )
-    parser.add_argument(
-        "--face", default="largest", help="largest | INDEX (left to right) | X,Y (a point on it)"
-    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
         "--precision",
@@ -39,9 +27,6 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="the networks' arithmetic: fp32 (default), bf16, or fp16 on CUDA (faster, slightly different)",
     )
-    parser.add_argument("--codec", choices=CODECS, default="h264")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true", help="recompute the video-only stages")
     parser.add_argument("--cache-dir", type=Path, help="default: the user cache folder")
     parser.add_argument(
         "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
@@ -65,17 +50,10 @@ def request_from_args(args: argparse.Namespace, **inputs) -> RedubRequest:
         **inputs,
         engine=args.engine,
         checkpoints=args.checkpoints,
-        expression=args.expression,
-        upper_face=args.upper_face,
-        fit=args.fit,
-        extend=args.extend,
-        face=args.face,
         device=args.device,
         precision=args.precision,
-        codec=args.codec,
-        seed=args.seed,
         cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
+        **job_options.from_arguments(args),
     )
 
 

@@ -1,50 +1,53 @@
-"""``retalk resolve install|uninstall``, and the bridge the DaVinci Resolve script talks to.
+"""``retalk resolve install|uninstall``: the DaVinci Resolve menu entries (plugins/davinci/) and their settings.
 
-The script (plugins/davinci/) runs under Resolve's own Python, where retalk's packages may not import. It starts
-this module with retalk's interpreter (``python -m retalk.commands.resolve``) and exchanges JSON lines with it:
-
-- script -> bridge: one request line (server, clip, fps, start, end exclusive, audio, audio_offset [n, d], engine,
-  options, output path without extension, connect_timeout), later optionally ``{"cancel": true}``; end of input
-  also cancels.
-- bridge -> script: ``accepted`` {job}, ``progress`` {state, stage, done, total, eta}, then one final event:
-  ``done`` {path, frames, rate [n, d], warnings}, ``cancelled``, or ``error`` {message} (one line for the editor).
-
-Module-level imports stay light: the CLI imports every command module at start-up.
+Two entries do the same thing with the same Resolve calls: ``Re-dub with retalk.lua`` (Lua is built into every
+Resolve) and ``Re-dub with retalk.py`` (needs a system Python 3 that Resolve finds; free Resolve lists no Python
+scripts from 21.1). Both hand the work to the bridge, :mod:`retalk.resolve_bridge`, whose settings file (server,
+CURVE keys) the install writes. Module-level imports stay light: the CLI imports every command module at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
-import json
 import os
 import sys
-import threading
-import time
-from fractions import Fraction
 from pathlib import Path
 
-from retalk.errors import InputError, MediaError, RetalkError
+from retalk.errors import InputError, RetalkError
+from retalk.resolve_bridge import DEFAULT_SERVER, Settings
 
-SCRIPT_NAME = "Re-dub with retalk.py"
-SCRIPT_TEMPLATE = Path(str(importlib.resources.files("retalk_davinci") / SCRIPT_NAME))  # plugins/davinci/
-DEFAULT_SERVER = "tcp://127.0.0.1:7878"
-# Resolve shows the clip rate rounded to 3 decimals (22.131 for 1350/61): anything further off is another rate.
-RATE_TOLERANCE = Fraction(1, 1000)
-_REWATCH_SECONDS = 3.0  # a quiet server: ask for the job's state again (also re-subscribes after a restart)
+TEMPLATES = Path(str(importlib.resources.files("retalk_davinci")))  # plugins/davinci/
+LANGUAGES = {"python": "Python", "lua": "Lua"}
+# The menu shows the file name without its extension: one entry is "Re-dub with retalk"; two say which is which.
+SINGLE_NAMES = {"python": "Re-dub with retalk.py", "lua": "Re-dub with retalk.lua"}
+PAIR_NAMES = {"python": "Re-dub with retalk (Python).py", "lua": "Re-dub with retalk (Lua).lua"}
+WIRED_LINE = {"python": "RETALK_PYTHON = ", "lua": "local RETALK_PYTHON = "}
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     resolve = subparsers.add_parser(
-        "resolve", help="install the DaVinci Resolve script (Workspace > Scripts > Edit)"
+        "resolve", help="install the DaVinci Resolve menu entry (Workspace > Scripts > Edit)"
     )
     actions = resolve.add_subparsers(dest="action", required=True, metavar="ACTION")
-    install = actions.add_parser(
-        "install", help="copy the script into Resolve's per-user Scripts/Edit folder"
+    install = actions.add_parser("install", help="put the entry into Resolve's per-user Scripts/Edit folder")
+    install.add_argument("--server", default=DEFAULT_SERVER, help="the retalk server the entry submits to")
+    install.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="CURVE keys for a server beyond this machine: DIR/server.key (the server's public key) and this "
+        "client's pair NAME.key_secret + NAME.key (from `retalk keys DIR --name NAME`)",
     )
-    install.add_argument("--server", default=DEFAULT_SERVER, help="the retalk server the script submits to")
+    install.add_argument(
+        "--entry",
+        choices=("auto", "lua", "python", "both"),
+        default="auto",
+        help="which entry (default auto: what fits the Resolve an entry last ran in; both before any has run)",
+    )
     install.set_defaults(func=run_install)
-    uninstall = actions.add_parser("uninstall", help="remove the script")
+    uninstall = actions.add_parser("uninstall", help="remove the entries")
     uninstall.set_defaults(func=run_uninstall)
     for parser in (install, uninstall):
         parser.add_argument(
@@ -52,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
 
 
-# -- install / uninstall ----------------------------------------------------------------------------------
 def user_scripts_dir(platform: str = sys.platform, environ: dict | None = None) -> Path:
     """Resolve's per-user Fusion/Scripts folder, as its scripting README lists it for each OS."""
     environ = os.environ if environ is None else environ
@@ -72,210 +74,157 @@ def user_scripts_dir(platform: str = sys.platform, environ: dict | None = None) 
     return Path(environ.get("HOME") or Path.home()) / ".local/share/DaVinciResolve/Fusion/Scripts"
 
 
-def installed_script_text(template: str, python: str, server: str) -> str:
-    """The script wired to this installation: the interpreter and the server written into its settings."""
-    wired = template
-    for name, value in (("RETALK_PYTHON", python), ("RETALK_SERVER", server)):
-        lines = [line for line in wired.splitlines(keepends=True) if line.startswith(f"{name} = ")]
-        if len(lines) != 1:
-            raise RetalkError(f"{SCRIPT_TEMPLATE}: expected one `{name} = ...` line; the script is damaged")
-        comment = lines[0].partition("#")[2]
-        wired = wired.replace(lines[0], f"{name} = {value!r}  #{comment}", 1)
-    return wired
+# -- which entries ---------------------------------------------------------------------------------------------
+def entries_for(seen: dict | None) -> tuple[tuple[str, ...], str]:
+    """The entries that fit the Resolve an entry last ran in (as the bridge recorded it), and why.
+
+    The edition is read from inside Resolve (GetProductName, GetVersion): from outside, its install does not
+    reliably tell the free edition from Studio. Before any entry has run, both are installed.
+    """
+    if not seen:
+        return ("lua", "python"), (
+            "no retalk entry has run in Resolve yet, so its edition is unknown: both entries are installed; "
+            "run either once, then `retalk resolve install` again keeps the one that fits"
+        )
+    product = seen.get("product") or "DaVinci Resolve"
+    version = ".".join(str(part) for part in (seen.get("version") or [])[:3])
+    if "studio" not in product.lower():
+        return (
+            ("lua",),
+            f"{product} {version} is the free edition: Lua entries list in every free version (Python ones not from 21.1)",
+        )
+    entry = seen.get("entry") if seen.get("entry") in LANGUAGES else "lua"
+    return (entry,), f"{product} {version}: the {LANGUAGES[entry]} entry has run there"
 
 
+def wired_entry(template: str, language: str, python: str) -> str:
+    """An entry's text with this installation's interpreter written into its RETALK_PYTHON line."""
+    prefix = WIRED_LINE[language]
+    lines = [line for line in template.splitlines(keepends=True) if line.startswith(prefix)]
+    if len(lines) != 1:
+        raise RetalkError(
+            f"the {LANGUAGES[language]} entry should have one `{prefix}...` line; reinstall retalk"
+        )
+    if language == "python":
+        value, comment = repr(python), "  #" + lines[0].partition("#")[2]
+    else:
+        if any(ord(char) < 32 for char in python):
+            raise InputError(
+                f"{python!r}: an interpreter path with control characters cannot be written into Lua"
+            )
+        value = '"' + python.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        comment = " --" + lines[0].partition("--")[2]
+    return template.replace(lines[0], f"{prefix}{value}{comment}", 1)
+
+
+# -- the server and its keys ----------------------------------------------------------------------------------
+def _is_loopback(endpoint: str) -> bool:
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    return host.startswith("127.") or host in LOOPBACK_HOSTS
+
+
+def find_keys(folder: Path) -> dict:
+    """The CURVE key files in ``folder``: the server's public key and this client's secret key."""
+    import zmq.auth
+
+    server = folder / "server.key"
+    if not server.is_file():
+        raise InputError(f"--keys {folder}: no server.key in it (copy the server's public key there)")
+    secrets = sorted(path for path in folder.glob("*.key_secret") if path.stem != "server")
+    if len(secrets) != 1:
+        raise InputError(
+            f"--keys {folder}: expected one client key pair (NAME.key_secret, from `retalk keys {folder} "
+            f"--name NAME`), found {len(secrets)}"
+        )
+    try:
+        zmq.auth.load_certificate(str(server))
+        _, secret = zmq.auth.load_certificate(str(secrets[0]))
+    except (OSError, ValueError) as err:
+        raise InputError(f"--keys {folder}: {err}") from None
+    if secret is None:
+        raise InputError(f"--keys {folder}: {secrets[0].name} holds no secret key")
+    return {"server": str(server.resolve()), "client": str(secrets[0].resolve())}
+
+
+# -- install / uninstall ---------------------------------------------------------------------------------------
 def _edit_folder(args: argparse.Namespace) -> Path:
     return (args.scripts_dir or user_scripts_dir()) / "Edit"
+
+
+def _write(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def run_install(args: argparse.Namespace) -> int:
     if not args.server.startswith(("tcp://", "ipc://")):
         raise InputError(f"--server {args.server}: expected tcp://HOST:PORT or ipc://PATH")
-    if not SCRIPT_TEMPLATE.is_file():
-        raise RetalkError(f"the Resolve script is missing from this installation ({SCRIPT_TEMPLATE})")
+    keys = find_keys(args.keys) if args.keys is not None else None
+    if keys is None and not _is_loopback(args.server):
+        raise InputError(
+            f"--server {args.server} is not on this machine, and a server there requires CURVE: pass --keys DIR "
+            "(see `retalk keys`)"
+        )
+    settings = Settings.load()
+    if args.entry == "auto":
+        languages, why = entries_for(settings.resolve)
+    else:
+        languages = ("lua", "python") if args.entry == "both" else (args.entry,)
+        why = "as asked (--entry)"
+    names = SINGLE_NAMES if len(languages) == 1 else PAIR_NAMES
     folder = _edit_folder(args)
-    text = installed_script_text(SCRIPT_TEMPLATE.read_text(encoding="utf-8"), sys.executable, args.server)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f".{SCRIPT_NAME}.part"
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, folder / SCRIPT_NAME)
+        for language in languages:
+            template = TEMPLATES / SINGLE_NAMES[language]
+            if not template.is_file():
+                raise RetalkError(f"the Resolve entry is missing from this installation ({template})")
+            text = wired_entry(template.read_text(encoding="utf-8"), language, sys.executable)
+            _write(folder / names[language], text)
+            print(f"installed {folder / names[language]} ({LANGUAGES[language]} entry)")
+        for stale in {*SINGLE_NAMES.values(), *PAIR_NAMES.values()} - {
+            names[language] for language in languages
+        }:
+            if (folder / stale).exists():
+                (folder / stale).unlink()
+                print(f"removed {folder / stale}")
     except OSError as err:
         raise RetalkError(f"cannot write into {folder}: {err.strerror}; pass --scripts-dir") from None
-    print(f"installed {folder / SCRIPT_NAME}")
+    print(f"why: {why}")
+    settings.server, settings.keys = args.server, keys
+    try:
+        path = settings.save()
+    except OSError as err:
+        raise RetalkError(f"cannot write retalk's Resolve settings: {err}") from None
+    curve = f"; CURVE with {keys['client']} and the server's {keys['server']}" if keys else ""
+    print(f"settings: {path} (server {args.server}{curve})")
     print("in Resolve: Workspace > Scripts > Edit > Re-dub with retalk (restart Resolve if it is not listed)")
+    if "python" in languages:
+        print("the Python entry lists only where Resolve finds a system Python 3 (see the README)")
+    if (
+        "lua" in languages
+    ):  # reported on free 21.1: menu scripts listed but not run; the Lua console runs them
+        print(
+            f"if the entry does nothing when chosen, run it from Workspace > Console (Lua): dofile([[{folder / names['lua']}]])"
+        )
     return 0
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
-    script = _edit_folder(args) / SCRIPT_NAME
-    try:
-        script.unlink()
-    except FileNotFoundError:
-        print(f"nothing to remove: {script} is not there")
-        return 0
-    except OSError as err:
-        raise RetalkError(f"cannot remove {script}: {err.strerror}") from None
-    print(f"removed {script}")
-    return 0
-
-
-# -- the bridge -------------------------------------------------------------------------------------------
-def _emit(event: str, **fields) -> None:
-    print(json.dumps(dict(fields, event=event)), flush=True)
-
-
-def _check_clip(request: dict) -> Fraction:
-    """The clip's exact rate, after checking Resolve sees the same rate and range as the file holds."""
-    from retalk import media
-
-    info = media.probe(request["clip"])
-    resolve_rate = Fraction(request["rate"][0], request["rate"][1])
-    if abs(info.rate - resolve_rate) > RATE_TOLERANCE:
-        raise InputError(
-            f"Resolve plays {Path(request['clip']).name} at {request['fps']} fps but the file is "
-            f"{float(info.rate):.3f} fps; reset Clip Attributes > Frame Rate"
-        )
-    if not 0 <= request["start"] < request["end"] <= info.frame_count:
-        raise InputError(
-            f"the shot uses source frames {request['start']}-{request['end'] - 1} but the file has "
-            f"{info.frame_count} frames"
-        )
-    return info.rate
-
-
-def _submit(client, request: dict, rate: Fraction) -> str:
-    """SUBMIT naming the files; where the server cannot read them (another machine), upload them first."""
-    from retalk_protocol.codec import ProtocolError
-
-    def submit(clip, audio) -> str:
-        return client.submit(
-            clip,
-            audio,
-            start=request["start"],
-            end=request["end"],
-            rate=rate,
-            audio_offset=Fraction(*request["audio_offset"]),
-            engine=request["engine"],
-            options=request["options"],
-        )
-
-    try:
-        return submit(request["clip"], request["audio"])
-    except ProtocolError as err:
-        if err.code not in ("forbidden", "not-found"):
-            raise
-    return submit({"upload": client.upload(request["clip"])}, {"upload": client.upload(request["audio"])})
-
-
-def _result_path(output: str, codec: str) -> Path:
-    """``output`` + the codec's extension, numbered further if a file of that name exists."""
-    from retalk import media
-
-    extension = media.default_extension(codec)
-    path, copy = Path(output + extension), 2
-    while path.exists():
-        path, copy = Path(f"{output}-{copy}{extension}"), copy + 1
-    return path
-
-
-def _follow(client, job: str, cancel: threading.Event) -> dict:
-    """Relay the job's PROGRESS events until it ends, cancelling it when asked; returns the final event."""
-    from retalk_protocol import codec
-
-    current, cancel_sent, last_event, shown = client.watch(job).fields, False, time.monotonic(), None
-    while current["state"] not in codec.FINAL_STATES:
-        progress = {key: current.get(key) for key in ("state", "stage", "done", "total", "eta")}
-        if progress != shown:
-            _emit("progress", **progress)
-            shown = progress
-        if cancel.is_set() and not cancel_sent:
-            client.cancel(job)
-            cancel_sent = True
-        event = client.next_event(timeout=0.2)
-        if event is not None and event["job"] == job:
-            current, last_event = event.fields, time.monotonic()
-        elif time.monotonic() - last_event > _REWATCH_SECONDS:
-            current, last_event = client.watch(job).fields, time.monotonic()
-    return current
-
-
-def _run(request: dict, cancel: threading.Event) -> None:
-    from retalk_protocol.client import Client
-    from retalk_protocol.codec import ProtocolError
-
-    import retalk
-
-    try:
-        rate = _check_clip(request)
-    except MediaError as err:
-        raise MediaError(f"unsupported media: {err}") from None
-    server = request["server"]
-    client = Client(server, name=f"resolve-plugin/{retalk.__version__}", timeout=request["connect_timeout"])
-    try:
+    folder = _edit_folder(args)
+    removed = 0
+    for name in sorted({*SINGLE_NAMES.values(), *PAIR_NAMES.values()}):
         try:
-            client.connect()
-        except ProtocolError:
-            raise RetalkError(
-                f"cannot reach the retalk server at {server}; start it with `retalk serve`"
-            ) from None
-        client.timeout = 120.0  # uploads and fetches of large files
-        try:
-            job = _submit(client, request, rate)
-            _emit("accepted", job=job)
-            final = _follow(client, job, cancel)
-            if final["state"] == "cancelled":
-                _emit("cancelled")
-                return
-            if final["state"] != "done":
-                error = final.get("error") or {}
-                raise RetalkError(f"the re-dub failed: {error.get('message', final['state'])}")
-            path = _result_path(request["output"], final["result"]["codec"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            client.fetch(job, str(path))
-        except ProtocolError as err:
-            raise RetalkError(f"retalk server {server}: {err.message}") from None
-    finally:
-        client.close()
-    result = final["result"]
-    _emit("done", path=str(path), frames=result["frames"], rate=result["rate"], warnings=result["warnings"])
-
-
-def _watch_input(cancel: threading.Event) -> None:
-    """Set ``cancel`` on a cancel line or when the script goes away (end of input)."""
-    for line in sys.stdin:
-        try:
-            if json.loads(line).get("cancel"):
-                break
-        except (ValueError, AttributeError):
+            (folder / name).unlink()
+        except FileNotFoundError:
             continue
-    cancel.set()
-
-
-def bridge() -> int:
-    try:
-        request = json.loads(sys.stdin.readline())
-    except ValueError:
-        _emit("error", message="the Resolve script sent an unreadable request; reinstall it")
-        return 1
-    cancel = threading.Event()
-    threading.Thread(target=_watch_input, args=(cancel,), daemon=True).start()
-    try:
-        _run(request, cancel)
-    except KeyError as err:
-        _emit(
-            "error",
-            message=f"the Resolve script does not match this retalk ({err}); run `retalk resolve install`",
-        )
-        return 1
-    except RetalkError as err:
-        _emit("error", message=str(err))
-        return 1
-    except OSError as err:
-        _emit("error", message=f"retalk could not write the result: {err}")
-        return 1
+        except OSError as err:
+            raise RetalkError(f"cannot remove {folder / name}: {err.strerror}") from None
+        print(f"removed {folder / name}")
+        removed += 1
+    if not removed:
+        print(f"nothing to remove: no retalk entry in {folder}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(bridge())

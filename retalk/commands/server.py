@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
+from retalk_protocol import options as job_options
+
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
-from retalk.pipeline.request import CODECS, ENGINES, UPPER_FACE
 from retalk.pipeline.segments import DEFAULT_SEGMENT_FRAMES
-from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 
 DEFAULT_SERVER = "tcp://127.0.0.1:7878"
+_AGE_UNITS = ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="fp32 | bf16 | fp16 (CUDA), for the workers"
     )
-    serve.add_argument("--retries", type=int, default=3, help="runs of a job before a dying worker fails it")
+    serve.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="runs of a job (the first included) before a dying worker fails it (PROTOCOL.md §8.2)",
+    )
     serve.add_argument(
         "--retention", type=float, default=24 * 3600.0, help="seconds finished results are kept"
     )
@@ -61,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         const="",
         metavar="ADDRESS",
         help="render on a Ray cluster: its ADDRESS (default $RAY_ADDRESS, or the cluster `ray start --head` "
-        "made here), or `local` to start one on this machine; --workers is then ignored",
+        "made here), or `local` to start one on this machine; --workers and --runner do not apply then",
     )
     serve.add_argument(
         "--segment-frames",
@@ -82,8 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keys.add_argument("--name", default="client", help="file stem: NAME.key (public), NAME.key_secret")
     keys.set_defaults(func=run_keys)
 
-    status = subparsers.add_parser("status", help="the server's queue, workers, devices and jobs")
+    status = subparsers.add_parser("status", help="the server's workers and recent jobs, or one job")
     _add_client_options(status)
+    status.add_argument("job", nargs="?", help="show this job only")
+    status.add_argument("--limit", type=int, default=20, help="recent jobs listed (default 20)")
     status.set_defaults(func=run_status)
 
     submit = subparsers.add_parser("submit", help="queue a re-dub on the server; prints the job id")
@@ -95,15 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--end", type=int, help="end frame (exclusive)")
     submit.add_argument("--rate", help="the clip's frame rate as N/D; the server refuses a different one")
     submit.add_argument("--audio-offset", default="0", help="seconds into the audio where the line starts")
-    submit.add_argument("--engine", choices=ENGINES, default="auto")
-    submit.add_argument("--expression", default="neutral")
-    submit.add_argument("--upper-face", choices=UPPER_FACE, default="none")
-    submit.add_argument("--fit", choices=FIT_MODES, default="video")
-    submit.add_argument("--extend", choices=EXTEND_MODES, default="loop")
-    submit.add_argument("--face", default="largest")
-    submit.add_argument("--codec", choices=CODECS, default="h264")
-    submit.add_argument("--seed", type=int, default=0)
-    submit.add_argument("--no-cache", action="store_true")
+    job_options.add_arguments(submit)
     submit.add_argument("--priority", type=int, default=0, help="higher runs first")
     submit.add_argument("--wait", action="store_true", help="watch the job until it ends")
     submit.set_defaults(func=run_submit)
@@ -122,6 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_client_options(fetch)
     fetch.add_argument("job")
     fetch.add_argument("-o", "--output", type=Path, required=True)
+    fetch.add_argument("--force", action="store_true", help="replace the output file if it exists")
     fetch.set_defaults(func=run_fetch)
 
 
@@ -138,7 +139,6 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 # -- server side ---------------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
     from retalk_server import Server, ServerConfig
-    from retalk_server.workers import DEFAULT_RUNNER
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(
@@ -147,8 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         precision=args.precision,
-        runner=args.runner or DEFAULT_RUNNER,
-        max_attempts=args.retries,
+        max_attempts=args.attempts,
         retention=args.retention,
         heartbeat=args.heartbeat,
         timeout=args.timeout,
@@ -158,18 +157,21 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if args.state_dir is not None:
         config.state_dir = args.state_dir
+    if args.runner is not None:
+        config.runner = args.runner
     pool = None
     if args.ray is not None:  # the render farm: Ray is imported only here
         from retalk_server.ray_pool import RayPool
 
+        config.check()  # refused before connecting to a cluster
         pool = RayPool(
             args.ray,
             state_dir=config.state_dir,
-            device=args.device,
-            precision=args.precision,
+            device=config.device,
+            precision=config.precision,
+            max_attempts=config.max_attempts,
             segment_frames=args.segment_frames,
             cpus_per_worker=args.cpus_per_worker,
-            max_attempts=args.retries,
         )
     try:
         server = Server(config, pool=pool)
@@ -201,7 +203,8 @@ def run_keys(args: argparse.Namespace) -> int:
 # -- client side ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator:
-    """A connected client; protocol errors become one-line RetalkErrors."""
+    """A connected client; protocol errors become one-line RetalkErrors. A server that is not running is
+    reported within the client's connect timeout (a few seconds), whatever ``--timeout`` is."""
     import zmq.auth
     from retalk_protocol.client import Client
     from retalk_protocol.codec import ProtocolError
@@ -218,6 +221,8 @@ def _client(args: argparse.Namespace) -> Iterator:
         ) as client:
             yield client
     except ProtocolError as err:
+        if err.code == "timeout":
+            raise RetalkError(err.message) from None
         raise RetalkError(f"server {args.server}: {err.code}: {err.message}") from None
 
 
@@ -225,21 +230,76 @@ def _print(args: argparse.Namespace, obj: dict, text: str) -> None:
     print(json.dumps(obj) if args.json else text, flush=True)
 
 
+def _note(text: str) -> None:
+    print(f"retalk: {text}", file=sys.stderr, flush=True)
+
+
+def _age(seconds: float) -> str:
+    for size, unit in _AGE_UNITS:
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return "0s"
+
+
+def _progress(entry: dict) -> str:
+    """A job's progress in a few characters: the stage and how far it is, or the state's own word."""
+    if entry.get("stage"):
+        return f"{entry['stage']} {entry['done']}/{entry['total']}"
+    return "-"
+
+
+def _worker_line(worker: dict) -> str:
+    """A worker of STATUS (§4.5); on a render farm with its node and the output frames it renders."""
+    node = f" on {worker['node']}" if worker.get("node") else ""
+    segment = f" frames {worker['segment'][0]}-{worker['segment'][1]}" if worker.get("segment") else ""
+    activity = worker["job"] or ("idle" if worker["ready"] else "starting")
+    return f"worker {worker['id']}{node} pid {worker['pid'] or '-'} {worker['device'] or '-'}: {activity}{segment}"
+
+
 def run_status(args: argparse.Namespace) -> int:
+    if args.job is not None:
+        return _job_status(args)
     with _client(args) as client:
         status = client.status()
-    text = [
-        f"{status['server']} up {status['uptime']:.0f} s, {status['clients']} client(s), {status['streams']} stream(s)",
-        f"devices: {', '.join(status['devices']) or 'starting'}",
-        f"queue: {' '.join(status['queue']) or 'empty'}",
-        "jobs: " + (", ".join(f"{n} {state}" for state, n in sorted(status["jobs"].items())) or "none"),
+        jobs = client.list_jobs(limit=max(1, args.limit))
+    if args.json:
+        print(json.dumps(dict(status, recent_jobs=jobs)), flush=True)
+        return 0
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(status["jobs"].items())) or "none"
+    lines = [
+        f"{status['server']} up {_age(status['uptime'])}, {status['clients']} client(s), "
+        f"{status['streams']} stream(s); devices: {', '.join(status['devices']) or 'starting'}",
+        *map(_worker_line, sorted(status["workers"], key=lambda w: w.get("node", ""))),  # a farm's: by node
+        f"jobs: {counts}; queue: {' '.join(status['queue']) or 'empty'}",
     ]
-    for w in sorted(status["workers"], key=lambda w: w.get("node", "")):  # a farm's workers, node by node
-        node = f" on {w['node']}" if w.get("node") else ""
-        segment = f" frames {w['segment'][0]}-{w['segment'][1]}" if w.get("segment") else ""
-        activity = w["job"] or ("idle" if w["ready"] else "starting")
-        text.append(f"worker {w['id']}{node} pid {w['pid'] or '-'} {w['device'] or '-'}: {activity}{segment}")
-    _print(args, status, "\n".join(text))
+    if jobs:
+        lines.append(f"{'JOB':<16}  {'STATE':<9}  {'PROGRESS':<16}  {'AGE':>5}  CLIENT")
+        lines += [
+            f"{e['job']:<16}  {e['state']:<9}  {_progress(e):<16}  {_age(e['age']):>5}  {e['client']}"
+            for e in jobs
+        ]
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def _job_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        entries = client.list_jobs(job=args.job, limit=1)
+        if not entries:
+            raise RetalkError(f"server {args.server}: no job {args.job!r}; `retalk status` lists the jobs")
+        current = client.watch(args.job).fields
+    entry = dict(entries[0], **current)
+    if args.json:
+        print(json.dumps(entry), flush=True)
+        return 0
+    print(
+        f"{_progress_line(entry)}\n"
+        f"client {entry['client']}, submitted {_age(entry['age'])} ago, attempt {entry['attempt']}\n"
+        f"clip {entry['clip']}",
+        flush=True,
+    )
+    if entry["state"] == "done":
+        _report_result(args, entry)
     return 0
 
 
@@ -254,14 +314,29 @@ def _progress_line(event: dict) -> str:
     return line
 
 
+def _report_result(args: argparse.Namespace, final: dict) -> None:
+    """A finished job's warnings, and the command that fetches its file."""
+    from retalk import media
+
+    result = final["result"]
+    for warning in result.get("warnings", []):
+        _note(f"warning: {warning}")
+    server = "" if args.server == DEFAULT_SERVER else f" --server {args.server}"
+    output = f"{final['job']}{media.default_extension(result['codec'])}"
+    _note(f"fetch the result with: retalk fetch{server} {final['job']} -o {output}")
+
+
 def _watch(args: argparse.Namespace, client, job: str) -> int:
-    final = client.wait(job, on_progress=lambda event: _print(args, event, _progress_line(event)))
+    final = client.follow(job, on_progress=lambda event: _print(args, event, _progress_line(event)))
     if final["state"] != "done":
         raise RetalkError(_progress_line(final))
+    _report_result(args, final)
     return 0
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    from retalk_protocol.codec import ProtocolError
+
     try:
         offset = Fraction(args.audio_offset)
         rate = Fraction(args.rate) if args.rate else None
@@ -269,34 +344,27 @@ def run_submit(args: argparse.Namespace) -> int:
         raise InputError(
             f"--audio-offset {args.audio_offset!r} / --rate {args.rate!r}: expected numbers"
         ) from None
-    options = {
-        "expression": args.expression,
-        "upper_face": args.upper_face,
-        "fit": args.fit,
-        "extend": args.extend,
-        "face": args.face,
-        "codec": args.codec,
-        "seed": args.seed,
-        "use_cache": not args.no_cache,
-    }
     with _client(args) as client:
-        if args.upload:
-            clip, audio = {"upload": client.upload(args.video)}, {"upload": client.upload(args.audio)}
-        else:  # a local file is named absolutely (the server resolves it inside its media roots)
-            clip, audio = (
-                str(Path(p).absolute()) if Path(p).exists() else p for p in (args.video, args.audio)
+        try:
+            job = client.submit_or_upload(
+                args.video,
+                args.audio,
+                upload="always" if args.upload else "never",
+                start=args.start,
+                end=args.end,
+                rate=rate,
+                audio_offset=offset,
+                engine=args.engine,
+                options=job_options.from_arguments(args),
+                priority=args.priority,
             )
-        job = client.submit(
-            clip,
-            audio,
-            start=args.start,
-            end=args.end,
-            rate=rate,
-            audio_offset=offset,
-            engine=args.engine,
-            options=options,
-            priority=args.priority,
-        )
+        except ProtocolError as err:
+            local = Path(args.video).is_file() and Path(args.audio).is_file()
+            if err.code not in ("forbidden", "not-found") or not local:
+                raise
+            raise RetalkError(
+                f"server {args.server}: {err.code}: {err.message}; add --upload to send the files instead"
+            ) from None
         _print(args, {"job": job}, job)
         return _watch(args, client, job) if args.wait else 0
 
@@ -314,8 +382,15 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    output = args.output
+    if output.is_dir():
+        raise InputError(f"-o {output}: is a folder; give a file name")
+    if output.exists() and not args.force:
+        raise InputError(f"-o {output}: the file exists; pass --force to replace it")
+    if not output.absolute().parent.is_dir():
+        raise InputError(f"-o {output}: folder {output.absolute().parent} does not exist")
     with _client(args) as client:
-        info = client.fetch(args.job, str(args.output))
-    _print(args, {"job": args.job, "output": str(args.output), "size": info["size"]}, str(args.output))
-    print(f"{info['size']} bytes, {info['codec']}", file=sys.stderr)
+        info = client.fetch(args.job, str(output))
+    _print(args, {"job": args.job, "output": str(output), "size": info["size"]}, str(output))
+    _note(f"{info['size']} bytes, {info['codec']}")
     return 0

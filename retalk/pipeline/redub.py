@@ -292,13 +292,7 @@ def prepare(
         request.validate()
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
-        start = request.start
-        end = info.frame_count if request.end is None else request.end
-        if end > info.frame_count or start >= end:
-            raise InputError(
-                f"--start {start} --end {end}: outside the clip's {info.frame_count} frames "
-                f"(valid: 0 <= start < end <= {info.frame_count})"
-            )
+        start, end = request.frame_range(info.frame_count)
         # --fit video needs the range's length of audio (a second more tells whether some is cut)
         needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
         wav16k = _read_new_audio(request, ANALYSIS_RATE, needed)

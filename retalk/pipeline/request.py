@@ -7,40 +7,44 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from retalk import media
+from retalk_protocol.options import ENGINE, JOB_OPTIONS
+
 from retalk.device import PRECISIONS
 from retalk.errors import InputError
-from retalk.pipeline.timing import EXTEND_MODES, FIT_MODES
 
-ENGINES = ("auto", "neural", "preview")
-UPPER_FACE = ("none", "sad", "angry", "surprise")
-EXPRESSIONS = ("neutral", "smile")
-CODECS = tuple(media.CODECS)  # h264 | prores | prores4444 | lossless
+ENGINES = ENGINE.choices
+CODECS = JOB_OPTIONS["codec"].choices  # the codecs of retalk.media
+
+
+def _default(name: str):
+    return JOB_OPTIONS[name].default
 
 
 @dataclass
 class RedubRequest:
+    """A re-dub. The job options (``retalk_protocol.options.JOB_OPTIONS``: their meaning, choices and
+    defaults) are fields of the same names; the rest is where the inputs are and where the work runs."""
+
     video: Path
     audio: Path
     output: Path
     start: int = 0  # first frame of the video range (inclusive)
     end: int | None = None  # end frame (exclusive); None = end of clip
     audio_offset: Fraction = Fraction(0)  # seconds into the audio file where the new line starts
-    engine: str = "auto"  # auto | neural | preview
+    engine: str = ENGINE.default
     checkpoints: Path | None = None
-    expression: str = "neutral"  # neutral | smile | path to an image
-    upper_face: str = "none"  # none | sad | angry | surprise
-    fit: str = "video"  # video: exactly the video range; audio: follow the audio, extending the video
-    extend: str = "loop"  # loop | pingpong | hold (fit=audio with a longer audio)
-    face: str = "largest"  # largest | INDEX | X,Y
+    expression: str = _default("expression")
+    upper_face: str = _default("upper_face")
+    fit: str = _default("fit")
+    extend: str = _default("extend")
+    face: str = _default("face")
+    detector: str = _default("detector")
     device: str = "auto"
-    precision: str = (
-        "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (retalk.device.autocast)
-    )
-    codec: str = "h264"
-    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (device.autocast)
+    codec: str = _default("codec")
+    seed: int = _default("seed")
     cache_dir: Path | None = None  # default: platformdirs user cache / "retalk"
-    use_cache: bool = True
+    use_cache: bool = _default("use_cache")
 
     def __post_init__(self) -> None:
         self.video, self.audio, self.output = Path(self.video), Path(self.audio), Path(self.output)
@@ -52,16 +56,13 @@ class RedubRequest:
     def validate(self) -> None:
         """Raise InputError with one clear line for anything wrong that can be seen without opening files."""
 
-        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                raise InputError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
-
-        choice("engine", self.engine, ENGINES)
-        choice("upper-face", self.upper_face, UPPER_FACE)
-        choice("fit", self.fit, FIT_MODES)
-        choice("extend", self.extend, EXTEND_MODES)
-        choice("codec", self.codec, CODECS)
-        choice("precision", self.precision, PRECISIONS)
+        for option in (ENGINE, *JOB_OPTIONS.values()):
+            value = getattr(self, option.name)
+            problem = option.problem(value)
+            if problem is not None:
+                raise InputError(f"{option.flag} {value!r}: {problem}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if not isinstance(self.start, int) or self.start < 0:
@@ -77,9 +78,10 @@ class RedubRequest:
         if offset < 0:
             raise InputError(f"--audio-offset {float(offset)}: expected seconds >= 0")
         self.audio_offset = offset
-        if self.expression not in EXPRESSIONS and not Path(self.expression).is_file():
+        expressions = JOB_OPTIONS["expression"].choices
+        if self.expression not in expressions and not Path(self.expression).is_file():
             raise InputError(
-                f"--expression {self.expression!r}: expected neutral, smile or the path of an existing image"
+                f"--expression {self.expression!r}: expected {', '.join(expressions)} or the path of an existing image"
             )
         for name, path in (("video", self.video), ("audio", self.audio)):
             if not path.is_file():
@@ -90,6 +92,17 @@ class RedubRequest:
             )
         if not self.output.parent.is_dir():
             raise InputError(f"-o {self.output}: folder {self.output.parent} does not exist")
+
+    def frame_range(self, frame_count: int) -> tuple[int, int]:
+        """The range [start, end) this request re-dubs in a clip of ``frame_count`` frames; InputError when it
+        does not lie inside the clip."""
+        end = frame_count if self.end is None else self.end
+        if not 0 <= self.start < end <= frame_count:
+            raise InputError(
+                f"--start {self.start} --end {end}: outside the clip's {frame_count} frames "
+                f"(valid: 0 <= start < end <= {frame_count})"
+            )
+        return self.start, end
 
 
 @dataclass

@@ -6,7 +6,7 @@ CONFIG: ``zip``, ``video``, ``audio``, ``blend`` (where to save the .blend), ``l
 the strips go: ``fps``, ``movie_at``, ``hard_trim``, ``trim_left``, ``trim_right``, ``sound_at``), ``scenarios``: a list of
 ``{"name", "endpoint", "timeout", "cancel_when_running", "server_key_file", "client_key_file", "scene_fps",
 "start_local_server", "shift_sound"}``, ``report`` (where to write the JSON results), ``pids`` (where to write the pids of
-servers the add-on started).
+servers the add-on started). The report also lists the operator's fields (``fields``: type, default, items).
 Background Blender runs no timers or modal handlers, so this drives the operator's task with the same
 ``tick()`` its modal timer calls, and cancels with the same ``cancel()`` its Esc key calls.
 """
@@ -147,7 +147,7 @@ def _redub(config, scenario, editor, movie_name, sound_name):
         if finished or time.monotonic() - started > DEADLINE:
             break
         time.sleep(TICK)
-    spec = task.session.spec
+    submission = task.session.submission
     result.update(
         finished=finished,
         state=task.session.state,
@@ -157,10 +157,10 @@ def _redub(config, scenario, editor, movie_name, sound_name):
         media_sent=task.session.media_sent,
         output=task.session.output,
         result=task.session.result,
-        start=spec.start,
-        end=spec.end,
-        rate=[spec.rate.numerator, spec.rate.denominator],
-        audio_offset=[spec.audio_offset.numerator, spec.audio_offset.denominator],
+        start=submission.start,
+        end=submission.end,
+        rate=[submission.rate.numerator, submission.rate.denominator],
+        audio_offset=[submission.audio_offset.numerator, submission.audio_offset.denominator],
         ticks=ticks,
         seconds=time.monotonic() - started,
         status_lines=status_lines,
@@ -191,6 +191,16 @@ def main():
     for strip in sys.modules[EXTENSION + ".compat"].all_strips(editor):
         strip.select = False
     report["poll_without_selection"] = bpy.ops.sequencer.retalk_redub.poll()
+    report["fields"] = {
+        prop.identifier: {
+            "type": prop.type,
+            "default": prop.default,
+            "items": [item.identifier for item in prop.enum_items] if prop.type == "ENUM" else [],
+            "description": prop.description,
+        }
+        for prop in bpy.ops.sequencer.retalk_redub.get_rna_type().properties
+        if prop.identifier != "rna_type"
+    }
     with open(config["report"], "w") as fh:
         json.dump(report, fh, indent=1)
 
