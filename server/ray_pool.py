@@ -498,8 +498,15 @@ class RayPool:
         self._step_ended(step)
         if kind == "done":
             step.actor.warm = job.id  # the actor keeps the job prepared: its next step of the job goes there
-        if job.over or job.cancelled:
-            return True  # its job already ended, or is ending once every step has stopped
+        if job.over or job.cancelled:  # its job already ended, or is ending once every step has stopped
+            log.info(
+                "job %s: %s stopped (%s) after the job %s",
+                job.id,
+                step.describe(),
+                kind,
+                "was cancelled" if job.cancelled else "ended",
+            )
+            return True
         if kind == "failed":
             if not retried(data["code"]):  # the input's fault: no other machine would do better
                 self._end(job, events, "failed", data)

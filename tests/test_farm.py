@@ -16,14 +16,14 @@ from farm_support import run_in_private_network
 pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).resolve().parent
-CASES = [
+CASES = [  # in the order farm_cases.py runs them
     "test_every_node_is_on_loopback_in_a_namespace_with_no_other_interface",
     "test_a_split_preview_job_across_two_nodes_equals_the_one_process_render",
-    "test_a_split_neural_job_across_two_nodes_equals_the_one_process_render",
     "test_a_segment_of_a_killed_node_runs_again_elsewhere_and_the_job_completes_once",
     "test_cancel_stops_every_segment",
-    "test_a_server_restarted_mid_job_resumes_from_its_journal",
     "test_a_node_that_cannot_see_the_media_gives_the_clear_error",
+    "test_a_split_neural_job_across_two_nodes_equals_the_one_process_render",
+    "test_a_server_restarted_mid_job_resumes_from_its_journal",
 ]
 
 
