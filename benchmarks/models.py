@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import platformdirs
 import torch
 
 from retalk import registry
 from retalk.commands.bench import default_reference_timing
-from retalk.selftest import default_checkpoints_dir
 
 
 def _build(files: tuple[str, ...], checkpoints: Path) -> torch.nn.Module:
@@ -71,7 +71,9 @@ def time_forward(model: torch.nn.Module, call: Callable, inputs: tuple, repeat: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", type=Path, default=default_checkpoints_dir())
+    parser.add_argument(
+        "--checkpoints", type=Path, default=Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

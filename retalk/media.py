@@ -12,6 +12,7 @@ import functools
 import itertools
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,22 +126,24 @@ class FrameChunk:
 class CodecSpec:
     encoder: str
     pix_fmt: str
-    container: str  # FFmpeg muxer name
-    extension: str
+    suffixes: tuple[str, ...]  # output suffixes whose container holds the codec; the first is its default
     options: dict[str, str]
     audio_encoder: str
     audio_options: dict[str, str]
     limited_range: bool = False  # the format only stores limited ("tv") range, whatever the source's
 
 
+# Output suffix -> FFmpeg muxer: the suffix picks the container.
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
 CODECS: dict[str, CodecSpec] = {
-    "h264": CodecSpec("libx264", "yuv420p", "mp4", ".mp4", {"crf": "18"}, "aac", {"b": "192k"}),
+    "h264": CodecSpec("libx264", "yuv420p", (".mp4", ".mov", ".mkv"), {"crf": "18"}, "aac", {"b": "192k"}),
     # prores_ks profile 3 = HQ, 4 = 4444; vendor apl0 so Apple/NLE decoders accept the files as their own.
+    # MP4 has no ProRes mapping (FFmpeg refuses it).
     "prores": CodecSpec(
         "prores_ks",
         "yuv422p10le",
-        "mov",
-        ".mov",
+        (".mov", ".mkv"),
         {"profile": "3", "vendor": "apl0"},
         "pcm_s24le",
         {},
@@ -149,21 +152,61 @@ CODECS: dict[str, CodecSpec] = {
     "prores4444": CodecSpec(
         "prores_ks",
         "yuv444p10le",
-        "mov",
-        ".mov",
+        (".mov", ".mkv"),
         {"profile": "4", "vendor": "apl0"},
         "pcm_s24le",
         {},
         limited_range=True,
     ),
-    # FFV1 in RGB (bgr0 is its only 8-bit RGB format): 8-bit RGB in, the same bits out.
-    "lossless": CodecSpec("ffv1", "bgr0", "matroska", ".mkv", {"level": "3"}, "pcm_s24le", {}),
+    # FFV1 in RGB (bgr0 is its only 8-bit RGB format): 8-bit RGB in, the same bits out. QuickTime refuses FFV1
+    # and MP4 has no mapping for it that other tools read: Matroska only.
+    "lossless": CodecSpec("ffv1", "bgr0", (".mkv",), {"level": "3"}, "pcm_s24le", {}),
 }
 
 
 def default_extension(codec: str) -> str:
-    """The file extension (with the dot) of the container `codec` is written in."""
-    return _codec_spec(codec).extension
+    """The file extension (with the dot) a `codec` is written with by default."""
+    return _codec_spec(codec).suffixes[0]
+
+
+def container_for(path: str | os.PathLike, codec: str) -> str:
+    """The FFmpeg muxer the suffix of `path` picks, refusing a suffix retalk does not write or whose container
+    cannot hold `codec` (InputError, one line naming the suffixes that work)."""
+    path, spec = Path(path), _codec_spec(codec)
+    suffix = path.suffix.lower()
+    allowed = ", ".join(spec.suffixes)
+    if suffix not in CONTAINERS:
+        raise InputError(
+            f"{path}: retalk writes {', '.join(CONTAINERS)} files; name the output with one of those suffixes "
+            f"({codec} goes in {allowed})"
+        )
+    if suffix not in spec.suffixes:
+        raise InputError(
+            f"{path}: a {suffix} file cannot hold {codec} video; use {allowed} "
+            f"(e.g. {path.with_suffix(spec.suffixes[0]).name}) or another --codec"
+        )
+    return CONTAINERS[suffix]
+
+
+def check_output(path: str | os.PathLike, codec: str) -> None:
+    """Everything about an output file that can fail, checked before any work: a file name (not a folder) with
+    a suffix whose container holds `codec`, in an existing folder this process can write in."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(
+            f"{path}: is a folder; name the output file, e.g. {path / 'redub'}{default_extension(codec)}"
+        )
+    container_for(path, codec)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: folder {folder} does not exist; create it first")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise InputError(
+            f"{path}: cannot write in {folder} ({err.strerror}); choose a writable folder"
+        ) from None
 
 
 def frame_time(index: int, rate: Fraction) -> Fraction:
@@ -540,6 +583,7 @@ class VideoWriter:
         full_range = color is not None and _color_code(_RANGE_NAMES, color.range, "range") == 2
         self._range = 2 if full_range and not spec.limited_range else 1  # for YUV formats only
         self._matrix = _SWS_MATRIX.get((color.matrix or "") if color else "", _SWS_BT601)
+        container = container_for(self.path, codec)
         if not self.path.parent.is_dir():
             raise MediaError(f"{self.path}: folder {self.path.parent} does not exist; create it first")
         # a hidden, unique name beside the target: same file system, so the final rename is atomic
@@ -547,7 +591,7 @@ class VideoWriter:
         self._frames_written = 0
         self._audio_written = 0
         try:
-            self._container = av.open(str(self._temp), "w", format=spec.container)
+            self._container = av.open(str(self._temp), "w", format=container)
             self._video = self._add_video_stream(color)
             self._audio_stream = self._add_audio_stream(audio_rate) if self._audio is not None else None
         except (av.error.FFmpegError, ValueError, OSError) as err:
@@ -661,7 +705,7 @@ class VideoWriter:
         if container is not None:
             with contextlib.suppress(av.error.FFmpegError, OSError):
                 container.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # absent, or a folder that refused it in the first place
             self._temp.unlink()
 
 

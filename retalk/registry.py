@@ -79,11 +79,18 @@ class CheckpointSpec:
     loader: str  # "module:function", resolved lazily
     required: bool  # needed by the neural engine by default
     kind: str  # "torch" | "mat" | "torchscript" | "dlib"
-    about: str  # approximate size for `retalk models list` (PIPELINE.md §15), not a check
+    about: str  # approximate size for `retalk models list`, not a check
     purpose: str
     size: int | None = None
     sha256: str | None = None
     archive_member: str | None = None  # the file is this member of the downloaded zip
+    fetched_by_default: bool = (
+        False  # optional, yet a plain `retalk models fetch` gets it (used when present)
+    )
+
+    @property
+    def default_download(self) -> bool:
+        return self.required or self.fetched_by_default
 
     @property
     def container(self) -> Container | None:
@@ -187,19 +194,21 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
             "s3fd-619a316812.pth",
             FACE_ALIGNMENT + "s3fd-619a316812.pth",
             "retalk.models.s3fd:load_s3fd",
-            False,  # as RetinaFace: an alternative detector, not needed by the neural engine
+            False,  # without it the neural engine tracks with dlib (retalk.tracking)
             "torch",
             "90 MB",
-            "S3FD face detector (face-alignment)",
+            "S3FD face detector: the neural engine's face boxes (else dlib's)",
+            fetched_by_default=True,  # the reference's detector, as the reference downloads it
         ),
         CheckpointSpec(
             "2DFAN4-cd938726ad.zip",
             FACE_ALIGNMENT + "2DFAN4-cd938726ad.zip",
             "retalk.models.fan:load_fan",
-            False,  # the track's dlib landmarks serve every stage
+            False,  # as S3FD
             "torchscript",
             "96 MB",
-            "FAN 68-point landmarks (face-alignment, TorchScript)",
+            "FAN 68-point landmarks (face-alignment, TorchScript): the neural engine's (else dlib's)",
+            fetched_by_default=True,
         ),
         CheckpointSpec(
             "expression.mat",
@@ -285,6 +294,12 @@ def find_checkpoint(name: str, checkpoints_dir: str | Path | None = None) -> Pat
         f"{spec.name} not found in {', '.join(map(str, dirs))}; run `retalk models fetch {spec.name}` "
         f"or pass --checkpoints DIR (or set {ENV_VAR})"
     )
+
+
+def file_identity(path: str | Path) -> str:
+    """Name, size and modification time of a file: what a cache key needs to notice a replaced checkpoint."""
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def missing_checkpoints(checkpoints_dir: str | Path | None = None, *, upper_face: bool = False) -> list[str]:
@@ -377,7 +392,7 @@ def _few(items: Sequence[str]) -> str:
 
 
 def _verify_torch(path: Path, spec: CheckpointSpec) -> VerifyResult:
-    import torch  # lazily: the preview path never needs torch
+    from retalk.models.checkpoint import load_torch_file  # lazily: the preview path never needs torch
 
     def result(status: str, message: str) -> VerifyResult:
         return VerifyResult(spec.name, status, path, f"{spec.name}: {message}")
@@ -386,13 +401,10 @@ def _verify_torch(path: Path, spec: CheckpointSpec) -> VerifyResult:
         return result(
             "truncated", f"{path} is truncated ({path.stat().st_size} bytes); {_refetch(spec.name)}"
         )
-    try:  # mmap: only the pickled key/shape metadata is read, not the 1.5 GB of tensors
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # torch raises many types for a bad file; all mean the same to the user
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return result(
-            "corrupt", f"{path} is not a readable PyTorch checkpoint ({detail[:120]}); {_refetch(spec.name)}"
-        )
+    try:  # memory-mapped: only the pickled key/shape metadata is read, not the 1.5 GB of tensors
+        obj = load_torch_file(path, name=spec.name)
+    except CheckpointError as err:  # damaged, or naming code no checkpoint needs
+        return VerifyResult(spec.name, "corrupt", path, str(err))
     missing, wrong, unexpected = _match(obj, spec)
     container = spec.container
     assert container is not None
@@ -599,14 +611,17 @@ def fetch(
     progress: bool = True,
     timeout: float = 60.0,
 ) -> list[Path]:
-    """Download official files (default: the required ones) into ``dest`` (default: first search folder).
+    """Download official files (default: the required ones and the reference's face detector and landmark
+    network, which the neural engine uses when present) into ``dest`` (default: the first search folder).
 
     Files already present are kept. Each download goes to ``<file>.part`` (resumed if a previous run was
     cut short), is checked against the known size/sha256, and is renamed into place only when complete.
     """
     dest = Path(dest).expanduser() if dest is not None else search_dirs()[0]
     specs = (
-        [get_spec(n) for n in names] if names is not None else [s for s in CHECKPOINTS.values() if s.required]
+        [get_spec(n) for n in names]
+        if names is not None
+        else [s for s in CHECKPOINTS.values() if s.default_download]
     )
     paths = []
     for spec in specs:
@@ -698,6 +713,14 @@ def _synth_state(dest: Path, spec: CheckpointSpec, stamps: Mapping[str, Mapping[
     if not stamp or stamp.get("size") != stat.st_size or stamp.get("mtime_ns") != stat.st_mtime_ns:
         return "foreign"
     return "current" if stamp.get("fill") == _fill_id(spec) else "stale"
+
+
+def is_synthetic(path: str | Path, name: str) -> bool:
+    """Whether the file ``path`` of the official ``name`` is a stand-in written by :func:`synth` (its weights
+    follow the deterministic rule: networks run, but a detector finds no real faces)."""
+    spec, path = get_spec(name), Path(path)
+    dest = path.parents[len(Path(spec.name).parts) - 1]
+    return _synth_state(dest, spec, _read_stamps(dest)) in ("current", "stale")
 
 
 def _write_torch(spec: CheckpointSpec, tmp: Path) -> None:

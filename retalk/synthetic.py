@@ -1,9 +1,10 @@
-"""Deterministic synthetic weights: the golden-data weight rule, reimplemented for the project.
+"""Deterministic synthetic weights: the weight rule the reference's golden outputs were made with.
 
-The rule (``/work/shared/reference/README.md``, "The weight rule") fills every tensor of a state dict
-from its reference key and shape alone, so networks can be checked against golden outputs without the
-official files. Each key seeds a CPU ``torch.Generator`` with ``crc32(key)``; the values must match the
-reference generator bit for bit, which is why the float32 arithmetic below is spelled out exactly.
+The rule fills every tensor of a state dict from its reference key and shape alone, so networks can be checked
+against the golden outputs (``retalk selftest``) without the official files. Each key seeds a CPU
+``torch.Generator`` with ``crc32(key)``; the values must match the reference generator bit for bit, which is why
+the float32 arithmetic below is spelled out exactly. A manifest entry may carry options (a gain, a constant
+buffer, spectral-norm vectors) where the plain rule would leave a network saturated or input-independent.
 """
 
 from __future__ import annotations

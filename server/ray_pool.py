@@ -249,7 +249,8 @@ class _Job:
 class RayPool:
     """The WorkerPool of ``retalk serve --ray``. ``address``: a cluster's address, ``""`` for ``$RAY_ADDRESS``
     or the cluster ``ray start --head`` made on this machine, ``"local"`` to start a one-machine cluster.
-    ``max_attempts``: runs of one step, the first included (the server's --attempts, PROTOCOL.md §8.2)."""
+    ``segment_frames``: None for ``DEFAULT_SEGMENT_FRAMES``. ``max_attempts``: runs of one step, the first
+    included (the server's --attempts, PROTOCOL.md §8.2)."""
 
     def __init__(
         self,
@@ -258,10 +259,11 @@ class RayPool:
         state_dir: Path,
         device: str = "auto",
         precision: str = "fp32",
-        segment_frames: int = DEFAULT_SEGMENT_FRAMES,
+        segment_frames: int | None = None,
         cpus_per_worker: int = 4,
         max_attempts: int = 3,
     ) -> None:
+        segment_frames = DEFAULT_SEGMENT_FRAMES if segment_frames is None else segment_frames
         if segment_frames < 1 or cpus_per_worker < 1:
             raise InputError(
                 f"--segment-frames {segment_frames}, --cpus-per-worker {cpus_per_worker}: each must be at least 1"

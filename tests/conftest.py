@@ -1,6 +1,6 @@
-"""Shared fixtures: where ../shared is, and media the tests make themselves.
+"""Shared fixtures: the shared verification data ($RETALK_SHARED), and media the tests make themselves.
 
-Tests that need ../shared skip with the reason when it is absent; everything else makes its own data.
+Tests that need the shared data skip with the reason when it is absent; everything else makes its own data.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,6 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from retalk.selftest.cases import Case
+
 SHARED = shared_dir()
 
 
@@ -28,14 +29,15 @@ def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(
-            f"{path} is absent: this test needs the shared reference data (../shared beside the repo)"
+            f"{path} is absent: this test needs the shared reference data; set RETALK_SHARED to its folder "
+            "(tools/test.sh sets it to ../shared beside the checkout when that exists)"
         )
     return path
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """../shared/reference: manifests, detweights.py, golden outputs, PIPELINE.md."""
+    """$RETALK_SHARED/reference: manifests, detweights.py, golden outputs, timings."""
     return _shared_path("reference")
 
 
@@ -55,7 +57,7 @@ def golden_functions(golden_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
-    """../shared/media: face1.mp4 (1350/61 fps), face2.mp4 (25 fps), speech1.wav."""
+    """$RETALK_SHARED/media: face1.mp4 (1350/61 fps), face2.mp4 (25 fps), speech1.wav."""
     return _shared_path("media")
 
 
@@ -74,7 +76,7 @@ def reference_state_dict(
     reference_dir: Path, reference_manifest: Callable[[str], dict]
 ) -> Callable[[str], dict[str, torch.Tensor]]:
     """``reference_state_dict(checkpoint_name)``: the official-key state dict filled by the reference's weight rule
-    (../shared/reference/detweights.py), checked against the manifest's fill sha256. Built anew on every call."""
+    (detweights.py of the shared reference data), checked against the manifest's fill sha256. Built anew on every call."""
     spec = importlib.util.spec_from_file_location("detweights", reference_dir / "detweights.py")
     detweights = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(detweights)
@@ -110,22 +112,23 @@ def reference_shaped_state_dict(
 
 
 @pytest.fixture(scope="session")
-def golden_case(golden_dir: Path) -> Callable[[ModuleType, Path], Mapping[str, np.ndarray]]:
-    """``golden_case(case, checkpoints)``: runs a ``retalk.selftest`` case module on its golden file with the
+def golden_case(golden_dir: Path) -> Callable[[Case, Path], Mapping[str, np.ndarray]]:
+    """``golden_case(case, checkpoints)``: runs a ``retalk.selftest.cases`` row on its golden file with the
     checkpoint files in ``checkpoints`` (CPU), asserts that it returns exactly the golden outputs, each within
-    ``retalk.selftest.compare`` of the case's tolerance (the README rule unless the case overrides it), and
+    ``retalk.selftest.compare`` of the row's tolerance (the README rule unless the row overrides it), and
     returns the golden arrays."""
     import numpy as np
     import torch
 
     from retalk.selftest import compare
 
-    def check(case: ModuleType, checkpoints: Path) -> Mapping[str, np.ndarray]:
-        golden = np.load(golden_dir / case.GOLDEN)
-        outputs = case.run(golden, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))
+    def check(case: Case, checkpoints: Path) -> Mapping[str, np.ndarray]:
+        golden = np.load(golden_dir / case.golden)
+        inputs = {k: golden[k] for k in golden.files if k.startswith("in.")}
+        outputs = case.run(inputs, json.loads(str(golden["meta"])), checkpoints, torch.device("cpu"))
         assert set(outputs) == {k.removeprefix("out.") for k in golden.files if k.startswith("out.")}
         for name, got in outputs.items():
-            row = compare(golden[f"out.{name}"], got, case.TOLERANCES.get(name), output=name)
+            row = compare(golden[f"out.{name}"], got, case.tolerances.get(name), output=name)
             assert row.passed, row
         return golden
 

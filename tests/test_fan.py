@@ -127,10 +127,12 @@ def test_landmarks_from_boxes_runs_one_batch_and_maps_each_box() -> None:
     model = _PeakAt(x=32, y=32)  # no neighbour is larger: the point is cell 32 + 1 - 0.5 = 32.5 of 64
     image = np.zeros((400, 400, 3), np.uint8)
     boxes = np.array([[100.0, 100.0, 197.5, 197.5, 0.9], [0.0, 200.0, 195.0, 395.0, 0.8]])
-    landmarks = landmarks_from_boxes(model, image, boxes, truncate=False)
+    landmarks = landmarks_from_boxes(model, [image, image], boxes, truncate=False)
     assert model.crops is not None and tuple(model.crops.shape) == (2, 3, 256, 256)
     for box, points in zip(boxes, landmarks, strict=True):
         center, scale = box_to_center_scale(box)
         window = 200.0 * scale  # the crop covers this many image pixels
         np.testing.assert_allclose(points, np.tile(32.5 / 64 * window + center - window / 2, (68, 1)))
-    assert landmarks_from_boxes(model, image, np.zeros((0, 5))).shape == (0, 68, 2)
+    assert landmarks_from_boxes(model, [], np.zeros((0, 5))).shape == (0, 68, 2)
+    with pytest.raises(ValueError, match="one image per box"):
+        landmarks_from_boxes(model, [image], boxes)

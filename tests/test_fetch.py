@@ -180,3 +180,28 @@ def test_archive_member_is_extracted(server, monkeypatch, tmp_path):
     (path,) = registry.fetch([name], tmp_path, progress=False)
     assert path == tmp_path / "BFM" / "similarity_Lm3D_all.mat" and path.read_bytes() == lm
     assert sorted(p.name for p in (tmp_path / "BFM").iterdir()) == ["similarity_Lm3D_all.mat"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_plain_fetch_also_gets_the_reference_detector_and_landmarks(
+    server, monkeypatch, tmp_path, reference_shaped_state_dict
+):
+    """S3FD and FAN are optional for the neural engine (it falls back to dlib) yet downloaded by default."""
+    import torch
+
+    handler, base = server
+    detector, landmarks = "s3fd-619a316812.pth", "2DFAN4-cd938726ad.zip"
+    s3fd, fan = io.BytesIO(), io.BytesIO()
+    torch.save(reference_shaped_state_dict(detector), s3fd)
+    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 68, 1), torch.zeros(1, 3, 4, 4)), fan)
+    handler.files.update({f"/{detector}": s3fd.getvalue(), f"/{landmarks}": fan.getvalue()})
+    for name in (detector, landmarks):
+        _serve(monkeypatch, name, f"{base}/{name}")
+    required = [s.name for s in registry.CHECKPOINTS.values() if s.required]
+    for name in required:  # present already: kept as they are
+        (tmp_path / name).write_bytes(b"present")
+    paths = registry.fetch(None, tmp_path, progress=False)
+    assert {p.name for p in paths} == {*required, detector, landmarks}
+    assert sorted(path for path, _, _ in handler.log) == sorted([f"/{detector}", f"/{landmarks}"])
+    assert (tmp_path / detector).read_bytes() == s3fd.getvalue()
+    assert not registry.CHECKPOINTS[detector].required and not registry.CHECKPOINTS[landmarks].required

@@ -8,25 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 from official_files import FILES, StateDictFor, save_official
 from torch import Tensor
 
-from retalk.selftest import (
-    dnet,
-    enet,
-    face3d_recon,
-    ganimation_gen,
-    gfpganv1_3,
-    gpen_bfr_512,
-    lnet,
-    parsenet,
-    retinaface_r50,
-    s3fd,
-)
+from retalk.selftest.cases import CASES as SELFTEST_CASES
+from retalk.selftest.cases import Case
 
 
 def _data_parallel(state_dict: dict[str, Tensor]) -> object:
@@ -36,29 +25,32 @@ def _data_parallel(state_dict: dict[str, Tensor]) -> object:
 
 # (selftest case, the container of its first checkpoint file; None: the official one)
 CASES = [
-    (face3d_recon, None),
-    (ganimation_gen, None),
-    (parsenet, None),
-    (retinaface_r50, _data_parallel),
-    (s3fd, None),
-    (gfpganv1_3, None),
-    (gpen_bfr_512, None),
-    (dnet, None),
-    (lnet, None),
-    (enet, None),  # ENet.pth holds E-Net's own keys; the embedded L-Net comes from LNet.pth beside it
+    (SELFTEST_CASES["face3d_recon.npz"], None),
+    (SELFTEST_CASES["GANimation_gen.npz"], None),
+    (SELFTEST_CASES["ParseNet.npz"], None),
+    (SELFTEST_CASES["RetinaFace-R50.npz"], _data_parallel),
+    (SELFTEST_CASES["S3FD.npz"], None),
+    (SELFTEST_CASES["GFPGANv1.3.npz"], None),
+    (SELFTEST_CASES["GPEN-BFR-512.npz"], None),
+    (SELFTEST_CASES["DNet.npz"], None),
+    (SELFTEST_CASES["LNet.npz"], None),
+    (
+        SELFTEST_CASES["ENet.npz"],
+        None,
+    ),  # ENet.pth holds E-Net's own keys; its L-Net comes from LNet.pth beside it
 ]
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize(("case", "wrap"), CASES, ids=[case.CHECKPOINTS[0] for case, _ in CASES])
+@pytest.mark.parametrize(("case", "wrap"), CASES, ids=[case.checkpoints[0] for case, _ in CASES])
 def test_golden_through_selftest_case(
-    case: ModuleType,
+    case: Case,
     wrap: Callable[[dict[str, Tensor]], object] | None,
     reference_state_dict: StateDictFor,
-    golden_case: Callable[[ModuleType, Path], Mapping[str, np.ndarray]],
+    golden_case: Callable[[Case, Path], Mapping[str, np.ndarray]],
     tmp_path: Path,
 ) -> None:
-    name, *beside = case.CHECKPOINTS
+    name, *beside = case.checkpoints
     row = FILES[name]
     assert tuple(beside) == row.beside  # the case reads exactly the files the table says its loader reads
     save_official(tmp_path, row, (wrap or row.wrap)(reference_state_dict(name)), reference_state_dict)

@@ -358,6 +358,33 @@ def test_bad_ranges_and_writer_arguments_raise_input_error(generated, tmp_path):
         media.VideoWriter(tmp_path / "no" / "a.mp4", width=64, height=64, rate=Fraction(25))
 
 
+@pytest.mark.parametrize("codec", sorted(media.CODECS))
+@pytest.mark.parametrize("suffix", sorted(media.CONTAINERS))
+def test_the_suffix_picks_the_container_and_refuses_one_that_cannot_hold_the_codec(tmp_path, codec, suffix):
+    path = (
+        tmp_path / f"take{suffix.upper() if suffix == '.mov' else suffix}"
+    )  # the suffix's case is no matter
+    if suffix not in media.CODECS[codec].suffixes:
+        with pytest.raises(InputError) as err:
+            media.VideoWriter(path, width=64, height=64, rate=Fraction(25), codec=codec)
+        _one_line(err, f"cannot hold {codec}")
+        assert list(tmp_path.iterdir()) == []
+        return
+    sound = np.zeros(4000, np.float32)
+    with media.VideoWriter(path, width=64, height=64, rate=Fraction(25), codec=codec, audio=sound) as writer:
+        writer.write(_rolling_frames(2, 64, 64))
+    with av.open(str(path)) as container:
+        assert media.CONTAINERS[suffix] in container.format.name.split(",")
+        assert container.streams.video[0].frames in (0, 2)  # Matroska does not count frames in its header
+    assert media.probe(path).frame_count == 2
+
+
+def test_writer_refuses_a_suffix_it_does_not_write(tmp_path):
+    with pytest.raises(InputError) as err:
+        media.VideoWriter(tmp_path / "take.avi", width=64, height=64, rate=Fraction(25))
+    _one_line(err, ".mp4, .mov, .mkv")
+
+
 def test_writer_abort_leaves_nothing_and_keeps_an_existing_file(tmp_path):
     frames = _rolling_frames(3, 64, 64)
     with pytest.raises(RuntimeError):

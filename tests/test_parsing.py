@@ -18,7 +18,6 @@ from retalk.models.parsing import (
     MOUTH_LABELS,
     face_region_mask,
 )
-from retalk.selftest import parsenet
 
 
 def test_label_sets_name_the_face_and_mouth_classes() -> None:
@@ -39,7 +38,7 @@ def test_face_region_mask_maps_argmax_labels() -> None:
 @pytest.mark.golden
 def test_face_region_mask_of_the_golden_labels(golden_dir: Path) -> None:
     # the pipeline's use: the face-region mask of the reference's arg-max labels
-    golden = np.load(golden_dir / parsenet.GOLDEN)
+    golden = np.load(golden_dir / "ParseNet.npz")
     mask = face_region_mask(torch.from_numpy(golden["out.out_mask_sub4"]))
     expected = np.isin(golden["out.out_mask_argmax"][:, ::4, ::4], FACE_LABELS)
     assert (mask.numpy() == expected * 255).mean() >= 0.999

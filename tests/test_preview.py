@@ -11,7 +11,7 @@ from mediagen import face_image
 
 from retalk import media
 from retalk.pipeline.preview import inner_lip_gap, mouth_drive, pose_mouth, render_frame
-from retalk.tracking import DlibDetector, DlibLandmarks, track_faces
+from retalk.tracking import DlibDetector, DlibLandmarks, Tracker, track_faces
 
 SR = 16000
 RATE = Fraction(25)
@@ -96,7 +96,8 @@ def test_output_mouth_follows_the_new_audio(media_dir, clip):
     path = media_dir / clip
     rate = media.probe(path).rate
     frames = media.read_frames(path, 0, n)
-    track = track_faces([frames], detector=DlibDetector(upsample=0))  # large faces: no up-sampling needed
+    large_faces = Tracker(detector=DlibDetector(upsample=0))  # no up-sampling needed
+    track = track_faces([frames], tracker=large_faces)
     assert track.found.all()
     wav = media.read_audio(media_dir / "speech1.wav", duration=Fraction(n) / rate)
     drive = mouth_drive(wav, rate, n)
@@ -106,10 +107,7 @@ def test_output_mouth_follows_the_new_audio(media_dir, clip):
     ]
 
     landmarks = DlibLandmarks()
-    rendered = [
-        landmarks.landmarks(np.ascontiguousarray(f), box[None])[0]
-        for f, box in zip(out, track.boxes, strict=True)
-    ]
+    rendered = [landmarks.landmarks([f], box[None])[0] for f, box in zip(out, track.boxes, strict=True)]
     env = loudness(wav, rate, n)
     corr_out = np.corrcoef([mouth_opening(lm) for lm in rendered], env)[0, 1]
     corr_src = np.corrcoef([mouth_opening(lm) for lm in track.landmarks], env)[0, 1]

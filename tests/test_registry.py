@@ -238,3 +238,27 @@ def test_cli_list_and_synth(tmp_path, capsys):
     assert listing["expression.mat"]["path"] == str(tmp_path / "out" / "expression.mat")
     assert listing["LNet.pth"]["path"] is None and listing["LNet.pth"]["url"].endswith("/v0.0.1/LNet.pth")
     assert os.path.exists(tmp_path / "out" / registry.SYNTH_STAMP)
+
+
+def test_training_state_beside_the_weights_verifies_ok(tmp_path, reference_shaped_state_dict):
+    import argparse
+
+    import numpy as np
+
+    name = "face3d_pretrain_epoch_20.pth"
+    content = {
+        "net_recon": reference_shaped_state_dict(name),
+        "epoch": np.int64(20),
+        "opt": argparse.Namespace(lr=1e-4),
+    }
+    torch.save(content, tmp_path / name)
+    result = registry.verify_file(tmp_path / name, name)
+    assert result.status == "ok", result.message
+
+
+def test_synthetic_stand_ins_are_told_from_other_files(synth_dir, tmp_path):
+    name = "s3fd-619a316812.pth"
+    assert registry.is_synthetic(synth_dir / name, name)
+    shutil.copy(synth_dir / name, tmp_path / name)  # the same bytes, not written by synth here
+    assert not registry.is_synthetic(tmp_path / name, name)
+    assert registry.is_synthetic(synth_dir / "BFM" / "similarity_Lm3D_all.mat", "BFM/similarity_Lm3D_all.mat")

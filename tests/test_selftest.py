@@ -1,16 +1,19 @@
-"""The selftest runner: comparison rules, case discovery, rows for every failure, and the CLI exit code."""
+"""The selftest runner: comparison rules, the case table, rows for every failure, the compact golden set shipped
+with retalk (cut from the reference's golden files), the temporary weights folder and the CLI exit code."""
 
 from __future__ import annotations
 
-import sys
-import textwrap
+import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import retalk.selftest as selftest
 from retalk.cli import main
-from retalk.selftest import compare, run_selftest
+from retalk.selftest import COMPACT_GOLDEN, compact_slices, compare, load_golden, run_selftest
+from retalk.selftest.cases import CASES, Case
 
 
 def test_default_rule_accepts_float32_noise_and_rejects_real_errors():
@@ -53,109 +56,165 @@ def test_tolerance_overrides():
     assert not compare(values, values + 5e-3, {"atol": 1e-3}).passed
 
 
-CASE_TEMPLATE = """
-import numpy as np
-GOLDEN = "{golden}"
-CHECKPOINTS = ()
-TOLERANCES = {tolerances}
-def run(golden, meta, checkpoints, device):
-    assert meta["seed"] == 7
-{body}
-"""
+def _case(golden: str, run, tolerances=None) -> Case:
+    def checked(inputs, meta, folder, device):
+        assert meta["seed"] == 7 and folder.is_dir()
+        return run(inputs)
+
+    return Case(golden, (), checked, tolerances or {})
 
 
-@pytest.fixture
-def cases(tmp_path, monkeypatch):
-    """A private case package: modules written here replace retalk/selftest's real cases."""
-    folder = tmp_path / "cases"
-    folder.mkdir()
-    monkeypatch.setattr(selftest, "__path__", [str(folder)])
-    written: list[str] = []
-
-    def write(module: str, golden: str, body: str, tolerances: str = "{}") -> None:
-        source = CASE_TEMPLATE.format(
-            golden=golden, tolerances=tolerances, body=textwrap.indent(body, "    ")
-        )
-        (folder / f"{module}.py").write_text(source)
-        written.append(f"retalk.selftest.{module}")
-
-    yield write
-    for name in written:
-        sys.modules.pop(name, None)
-
-
-def _golden(folder, name, **arrays):
+def _golden(folder, name, meta=None, **arrays):
     folder.mkdir(exist_ok=True)
-    np.savez(folder / name, meta=np.array('{"seed": 7}'), **arrays)
+    np.savez(folder / name, meta=np.array(json.dumps({"seed": 7, **(meta or {})})), **arrays)
 
 
-def test_runner_rows_for_pass_fail_missing_and_errors(tmp_path, cases):
+def test_runner_rows_for_pass_fail_missing_and_errors(tmp_path):
     golden = tmp_path / "golden"
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 4, 4, 4)
-    _golden(golden, "Good.npz", **{"in.x": x, "out.y": 2 * x, "out.z": x + 1})
-    _golden(golden, "Bad.npz", **{"in.x": x, "out.y": 2 * x})
-    _golden(golden, "Broken.npz", **{"in.x": x, "out.y": 2 * x})
-    _golden(golden, "Orphan.npz", **{"in.x": x, "out.y": 2 * x})
+    for name in ("Good", "Bad", "Broken", "Orphan", "Cheat"):
+        _golden(golden, f"{name}.npz", **{"in.x": x, "out.y": 2 * x})
     _golden(golden, "Partial.npz", **{"in.x": x, "out.y": 2 * x, "out.w": x})
-    cases("selftest_case_good", "Good.npz", 'x = golden["in.x"]\nreturn {"y": 2 * x, "z": x + 1}')
-    cases("selftest_case_bad", "Bad.npz", 'return {"y": 2.1 * golden["in.x"]}')
-    cases("selftest_case_broken", "Broken.npz", 'raise RuntimeError("boom")')
-    cases("selftest_case_partial", "Partial.npz", 'return {"y": 2 * golden["in.x"]}')
-    _golden(golden, "Cheat.npz", **{"in.x": x, "out.y": 2 * x})
-    cases("selftest_case_cheat", "Cheat.npz", 'return {"y": golden["out.y"]}')
-    (tmp_path / "cases" / "selftest_case_syntax.py").write_text("def (:\n")
 
-    rows = run_selftest(golden, tmp_path / "ckpt", "cpu")
+    def broken(inputs):
+        raise RuntimeError("boom")
+
+    cases = {
+        "Good.npz": _case("Good.npz", lambda g: {"y": 2 * g["in.x"]}),
+        "Bad.npz": _case("Bad.npz", lambda g: {"y": 2.1 * g["in.x"]}),
+        "Broken.npz": _case("Broken.npz", broken),
+        "Partial.npz": _case("Partial.npz", lambda g: {"y": 2 * g["in.x"]}),
+        "Cheat.npz": _case("Cheat.npz", lambda g: {"y": g["out.y"]}),
+    }
+    rows = run_selftest(golden, tmp_path / "ckpt", "cpu", cases=cases)
     by_key = {(r.network, r.output): r for r in rows}
-    assert by_key[("Good", "y")].passed and by_key[("Good", "z")].passed
-    assert by_key[("Good", "y")].max_abs == 0.0
+    assert by_key[("Good", "y")].passed and by_key[("Good", "y")].max_abs == 0.0
     assert not by_key[("Bad", "y")].passed and by_key[("Bad", "y")].rel_l2 == pytest.approx(0.05, rel=1e-4)
     assert not by_key[("Broken", "-")].passed and "boom" in by_key[("Broken", "-")].detail
     assert not by_key[("Orphan", "-")].passed and "no selftest case" in by_key[("Orphan", "-")].detail
     assert by_key[("Partial", "y")].passed and not by_key[("Partial", "w")].passed
     assert not by_key[("Cheat", "-")].passed  # cases get the inputs, never the golden outputs
-    assert not by_key[("selftest_case_syntax", "-")].passed  # a module that does not import is a failed row
 
 
-def test_functions_style_golden_uses_full_keys_and_tolerances(tmp_path, cases):
+def test_functions_style_golden_uses_full_keys_and_tolerances(tmp_path):
     golden = tmp_path / "golden"
     _golden(golden, "functions.npz", **{"a.in": np.arange(5.0), "a.out": np.arange(5.0) * 3})
-    cases(
-        "selftest_case_functions",
-        "functions.npz",
-        'return {"a.out": golden["a.in"] * 3 + 1e-7}',
-        '{"a.out": {"atol": 1e-6}}',
-    )
-    (row,) = run_selftest(golden, tmp_path / "ckpt", "cpu")
+    case = _case("functions.npz", lambda g: {"a.out": g["a.in"] * 3 + 1e-7}, {"a.out": {"atol": 1e-6}})
+    (row,) = run_selftest(golden, tmp_path / "ckpt", "cpu", cases={"functions.npz": case})
     assert (row.network, row.output, row.passed) == ("functions", "a.out", True)
     assert "1e-06" in row.detail
 
 
-def test_cli_exit_code(tmp_path, cases, capsys):
+def test_compact_files_compare_the_slices_they_keep(tmp_path):
+    """A compact file keeps a strided grid of an output: the case's full output is cut the same way."""
+    golden = tmp_path / "golden"
+    x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
+    every_2nd = [[None, None, None], [None, None, None], [None, None, 2], [None, None, 2]]
+    meta = {"compact": {"select": {"y": every_2nd}}}
+    _golden(golden, "Net.npz", meta, **{"in.x": x, "out.y": np.ascontiguousarray((3 * x)[:, :, ::2, ::2])})
+    exact = _case("Net.npz", lambda g: {"y": 3 * g["in.x"]})
+    assert all(r.passed for r in run_selftest(golden, tmp_path / "c", "cpu", cases={"Net.npz": exact}))
+
+    def wrong_on_the_grid(g):
+        y = 3 * g["in.x"]
+        y[0, 1, 4, 6] += 1.0  # a kept position
+        return {"y": y}
+
+    wrong = _case("Net.npz", wrong_on_the_grid)
+    assert not any(r.passed for r in run_selftest(golden, tmp_path / "c", "cpu", cases={"Net.npz": wrong}))
+
+
+def test_codes_into_distinct_values_decode_bit_for_bit(tmp_path):
+    image = np.array([[0.0, -0.0, 1 / 255], [1.0, 1 / 255, 0.5]], dtype=np.float32)
+    bits, codes = np.unique(image.view(np.uint32), return_inverse=True)
+    np.savez(
+        tmp_path / "x.npz",
+        **{"in.x#codes": codes.reshape(image.shape).astype(np.uint8)},
+        **{"in.x#values": bits.view(np.float32)},
+    )
+    arrays, _ = load_golden(tmp_path / "x.npz")
+    assert list(arrays) == ["in.x"] and arrays["in.x"].tobytes() == image.tobytes()  # -0.0 stays -0.0
+
+
+def test_cli_prints_its_needs_up_front_and_removes_its_weights(tmp_path, monkeypatch, capsys):
     golden = tmp_path / "golden"
     x = np.ones((2, 3), dtype=np.float32)
-    _golden(golden, "Tiny.npz", **{"in.x": x, "out.y": x * 3})
-    cases("selftest_case_tiny", "Tiny.npz", 'return {"y": golden["in.x"] * 3}')
-    argv = ["selftest", "--golden", str(golden), "--checkpoints", str(tmp_path / "ckpt"), "--device", "cpu"]
+    _golden(golden, "LNet.npz", **{"in.x": x, "out.y": x * 3})
+    folders = []
+
+    def run(inputs, meta, folder, device):
+        folders.append(folder)
+        assert (folder / "LNet.pth").is_file()  # the runner wrote the synthetic weights first
+        return {"y": inputs["in.x"] * 3}
+
+    monkeypatch.setattr(selftest, "CASES", {"LNet.npz": Case("LNet.npz", ("LNet.pth",), run)})
+    argv = ["selftest", "--golden", str(golden), "--device", "cpu"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "Tiny" in out and "PASS" in out and "FAIL" not in out
+    captured = capsys.readouterr()
+    assert "LNet" in captured.out and "PASS" in captured.out and "FAIL" not in captured.out
+    first = captured.err.splitlines()[0]
+    assert "0.5 GB" in first and "temporary folder" in first and "about 1 min" in first  # LNet.pth
+    assert not folders[0].exists()
+
+    assert main([*argv, "--keep", str(tmp_path / "kept")]) == 0
+    assert folders[1] == tmp_path / "kept" and (tmp_path / "kept" / "LNet.pth").is_file()
+    assert str(tmp_path / "kept") in capsys.readouterr().err.splitlines()[0]
+
     _golden(golden, "Other.npz", **{"in.x": x, "out.y": x})
     assert main(argv) == 1
-    assert "no selftest case declares GOLDEN = 'Other.npz'" in capsys.readouterr().out
+    assert "no selftest case for Other.npz" in capsys.readouterr().out
 
 
 def test_cli_missing_golden_dir_is_one_line(tmp_path, capsys):
     assert main(["selftest", "--golden", str(tmp_path / "absent"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("retalk: error: no golden data at") and "--golden" in err and "\n" not in err
+    assert err.startswith("retalk: error: --golden") and "absent" in err and "\n" not in err
+
+
+def test_the_compact_set_has_a_case_for_every_file_and_a_file_for_every_case():
+    files = sorted(p.name for p in COMPACT_GOLDEN.glob("*.npz"))
+    assert files == sorted(CASES)
+    assert sum(p.stat().st_size for p in COMPACT_GOLDEN.glob("*.npz")) < 8e6  # a few MB in the package
 
 
 @pytest.mark.golden
-def test_real_selftest_over_shared_golden(golden_dir, tmp_path_factory):
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compact_set_is_cut_from_the_reference_golden_files(golden_dir, name):
+    """Every array of a compact file is the reference's own: batch item 0, the recorded slices of an output."""
+    compact, meta = load_golden(COMPACT_GOLDEN / name)
+    provenance = meta["compact"]
+    assert provenance["source"] == name
+    assert provenance["source_sha256"] == hashlib.sha256((golden_dir / name).read_bytes()).hexdigest()
+    full, _ = load_golden(golden_dir / name)
+    is_network = provenance["batch_items"] == [0]
+    for key, value in compact.items():
+        reference = full[key][:1] if is_network else full[key]
+        reference = compact_slices(reference, provenance["select"].get(key.removeprefix("out.")))
+        assert value.dtype == reference.dtype and value.tobytes() == reference.tobytes(), key
+    dropped = set(full) - set(compact)
+    assert all(key.startswith(tuple(provenance["left_out"])) for key in dropped), dropped
+
+
+@pytest.fixture(scope="module")
+def synthetic_weights(tmp_path_factory) -> Path:
+    """One folder of synthetic checkpoints for both real runs below (the fill is the slow part)."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.mark.slow
+def test_real_selftest_over_the_compact_set(synthetic_weights):
+    """What `retalk selftest` runs on any install: every network and function, through the real loaders."""
+    rows = run_selftest(None, synthetic_weights, "cpu")
+    failures = [r for r in rows if not r.passed]
+    assert not failures, selftest.format_table(failures)
+    assert {r.network for r in rows} == {Path(name).stem for name in CASES}
+
+
+@pytest.mark.golden
+def test_real_selftest_over_shared_golden(golden_dir, synthetic_weights):
     """Every golden file has a case, and every output is reproduced through the real loaders from synthetic
-    checkpoints in the official layouts (what `retalk selftest` runs)."""
-    rows = run_selftest(golden_dir, tmp_path_factory.mktemp("synthetic"), "cpu")
+    checkpoints in the official layouts (what `retalk selftest --golden DIR` runs)."""
+    rows = run_selftest(golden_dir, synthetic_weights, "cpu")
     failures = [r for r in rows if not r.passed]
     assert not failures, selftest.format_table(failures)
     assert len({r.network for r in rows}) == len(list(golden_dir.glob("*.npz")))

@@ -56,7 +56,7 @@ NETWORK_CALLS: dict[str, NetworkCalls] = {
 
 
 def default_reference_timing() -> Path:
-    """``../shared/reference/timing.json`` beside the repository."""
+    """``$RETALK_SHARED/reference/timing.json`` (the shared verification data)."""
     return shared_dir() / "reference" / "timing.json"
 
 
@@ -125,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reference-timing",
         type=Path,
-        help="the reference's per-network timings; default: ../shared/reference/timing.json beside the repo",
+        help="the reference's per-network timings; default: $RETALK_SHARED/reference/timing.json",
     )
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     parser.set_defaults(func=run)

@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from retalk import media
 from retalk.commands.redub import add_render_options, request_from_args, run_request
 from retalk.errors import InputError
 from retalk.pipeline.sample import SAMPLE_TEXT, write_sample_clip, write_sample_speech
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.seconds <= 60:
         raise InputError(f"--seconds {args.seconds}: expected a length in (0, 60]")
+    media.check_output(args.output, args.codec)  # before making the sample
     with tempfile.TemporaryDirectory(prefix="retalk-demo-") as folder:
         video, audio = Path(folder) / "sample.mp4", Path(folder) / "speech.wav"
         print(f"retalk: making a {args.seconds:g} s sample shot and a line of speech", file=sys.stderr)

@@ -31,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", parents=[common], help="check every file's layout, keys and shapes"
     ).set_defaults(func=verify_command)
     fetch = actions.add_parser(
-        "fetch", parents=[common], help="download files (default: the required ones) into --checkpoints DIR"
+        "fetch",
+        parents=[common],
+        help="download files (default: the required ones, S3FD and FAN) into --checkpoints DIR",
     )
     fetch.add_argument(
-        "names", nargs="*", metavar="NAME", help="official file names (default: all required files)"
+        "names", nargs="*", metavar="NAME", help="official file names (default: required ones, S3FD and FAN)"
     )
     fetch.add_argument(
         "--all", action="store_true", help="also the optional files (GANimation, dlib landmarks)"
@@ -60,6 +62,7 @@ def list_command(args: argparse.Namespace) -> int:
             {
                 "name": spec.name,
                 "required": spec.required,
+                "fetched_by_default": spec.default_download,
                 "about": spec.about,
                 "purpose": spec.purpose,
                 "url": spec.url,
@@ -76,7 +79,7 @@ def list_command(args: argparse.Namespace) -> int:
     print("searched: " + ", ".join(str(d) for d in registry.search_dirs(args.checkpoints)))
     width = max(len(r["name"]) for r in rows)
     for row in rows:
-        need = "required" if row["required"] else "optional"
+        need = "required" if row["required"] else "default" if row["fetched_by_default"] else "optional"
         where = row["path"] or "absent"
         print(
             f"{row['name']:<{width}}  {need:<8}  about {row['about']:<17}  {where}  ({row['purpose']}; {row['url']})"

@@ -14,6 +14,12 @@ from retalk.errors import InputError, RetalkError
 from retalk.pipeline import RedubRequest, redub
 from retalk.progress import JsonLines, StageBars
 
+NO_FACE = 3  # exit status: the file was written, but no frame had a face, so it is the source unchanged
+EXIT_STATUS = (
+    "exit status: 0 the re-dub was written; 3 it was written but no face was found in any frame (the output is "
+    "the source); 1 an error, told in one line, and nothing written; 2 a usage error; 130 interrupted"
+)
+
 
 def add_render_options(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``redub`` and ``demo`` (everything after the inputs): the job options of
@@ -34,7 +40,9 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("redub", help="re-dub a range of a video with a new line of audio")
+    parser = subparsers.add_parser(
+        "redub", help="re-dub a range of a video with a new line of audio", epilog=EXIT_STATUS
+    )
     parser.add_argument("--video", type=Path, required=True)
     parser.add_argument("--audio", type=Path, required=True)
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -58,7 +66,7 @@ def request_from_args(args: argparse.Namespace, **inputs) -> RedubRequest:
 
 
 def run_request(request: RedubRequest, as_json: bool) -> int:
-    """Run with progress bars (or JSON lines), print warnings on stderr and the outcome."""
+    """Run with progress bars (or JSON lines), print warnings on stderr and the outcome; the exit status."""
     if as_json:
         reporter = JsonLines()
         try:
@@ -79,7 +87,7 @@ def run_request(request: RedubRequest, as_json: bool) -> int:
         print(
             f"{result.output}: {result.frames} frames, {float(result.duration):.3f} s, {result.engine} engine"
         )
-    return 0
+    return NO_FACE if result.faceless_ranges == [(0, result.frames)] else 0
 
 
 def run(args: argparse.Namespace) -> int:

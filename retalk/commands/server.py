@@ -19,7 +19,6 @@ from retalk_protocol import options as job_options
 
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
-from retalk.pipeline.segments import DEFAULT_SEGMENT_FRAMES
 
 DEFAULT_SERVER = "tcp://127.0.0.1:7878"
 _AGE_UNITS = ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
@@ -72,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--segment-frames",
         type=int,
-        default=DEFAULT_SEGMENT_FRAMES,
-        help="with --ray: longer jobs are split into segments of this many frames, rendered in parallel",
+        help="with --ray: longer jobs are split into segments of this many frames, rendered in parallel "
+        "(default 256)",
     )
     serve.add_argument(
         "--cpus-per-worker",

@@ -6,7 +6,7 @@ architecture in eager form (stem, four stacked hourglasses of depth 4 over 256 c
 project's deterministic weight rule (:func:`write_synthetic_archive`) so the loader and the landmark stage can
 be exercised without the real file.
 
-The pure functions reproduce face_alignment 1.3.4's geometry (PIPELINE.md §3): a detector box -> centre moved
+The pure functions reproduce face_alignment 1.3.4's geometry: a detector box -> centre moved
 up by 0.12 * box height and scale (w + h) / 195 -> a 256x256 crop (:func:`crop_face`) -> heat-maps -> arg-max
 with a quarter-pixel shift towards the larger neighbour -> image pixels (:func:`heatmaps_to_landmarks`).
 """
@@ -267,18 +267,23 @@ def heatmaps_to_landmarks(
 
 def landmarks_from_boxes(
     model: Callable[[torch.Tensor], torch.Tensor],
-    image_rgb: np.ndarray,
+    images_rgb: Sequence[np.ndarray],
     boxes: np.ndarray | Sequence[Sequence[float]],
     *,
     truncate: bool = True,
 ) -> np.ndarray:
-    """68 landmarks (k, 68, 2) in image pixels for each detector box (k, 4+) of one (H, W, 3) uint8 RGB image,
-    as face_alignment 1.3.4's ``get_landmarks_from_image`` (no flip), with the k crops run as one batch."""
-    boxes = np.atleast_2d(np.asarray(boxes, np.float64))
+    """68 landmarks (k, 68, 2) in image pixels for detector box i (k, 4+) on (H, W, 3) uint8 RGB image i, as
+    face_alignment 1.3.4's ``get_landmarks_from_image`` (no flip) computes them, the k crops run as one batch
+    (one image with several faces: pass it once per box)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, np.shape(boxes)[-1] if np.size(boxes) else 4)
+    if len(boxes) != len(images_rgb):
+        raise ValueError(f"{len(boxes)} boxes for {len(images_rgb)} images: give one image per box")
     if boxes.size == 0:
         return np.zeros((0, NUM_LANDMARKS, 2))
     geometry = [box_to_center_scale(box) for box in boxes]
-    crops = np.stack([crop_face(image_rgb, center, scale) for center, scale in geometry])
+    crops = np.stack(
+        [crop_face(image, center, scale) for image, (center, scale) in zip(images_rgb, geometry, strict=True)]
+    )
     device = next(iter(model.parameters())).device if isinstance(model, nn.Module) else torch.device("cpu")
     with torch.inference_mode():
         heatmaps = model(crop_to_tensor(crops).to(device))

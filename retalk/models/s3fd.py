@@ -3,11 +3,12 @@
 A VGG-16 trunk (conv1_1 .. conv5_3, fc6/fc7 as convs, two extra stages) with L2-normalised taps at conv3_3,
 conv4_3 and conv5_3, and six 3x3 classification/regression heads at strides 4 .. 128. The stride-4 head
 predicts three background logits and keeps their maximum ("max-out background"). Decoding follows the
-reference (PIPELINE.md §9.3): softmax over the two classes, anchors of side 4 * stride centred on each
-cell, variances (0.1, 0.2), candidates with face score > 0.05, NMS at IoU 0.3, faces with score > 0.5.
+reference's face_detect: softmax over the two classes, anchors of side 4 * stride centred on each cell,
+variances (0.1, 0.2), candidates with face score > 0.05, NMS at IoU 0.3, faces with score > 0.5.
 
-Input: (B, 3, H, W) float, 0..255 scale minus the Caffe means (104, 117, 123). The reference's repo copy
-(§9.3) feeds RGB data; face_alignment (§3) feeds BGR; :func:`prepare_batch` builds either from RGB frames.
+Input: (B, 3, H, W) float, 0..255 scale minus the Caffe means (104, 117, 123). The reference's face_detect
+(the boxes of its E-Net crops) feeds RGB data; face_alignment (inside its landmark step) feeds BGR;
+:func:`prepare_batch` builds either from RGB frames.
 """
 
 from __future__ import annotations
@@ -107,19 +108,23 @@ class S3FD(nn.Module):
         ]
 
 
-def prepare_batch(frames_rgb: np.ndarray, *, feed: str = "rgb") -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB frames -> the network input (B, 3, H, W) float32 minus the Caffe means.
+def prepare_batch(
+    frames_rgb: np.ndarray, *, feed: str = "rgb", device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B, H, W, 3) uint8 RGB frames -> the network input (B, 3, H, W) float32 minus the Caffe means, on ``device``
+    (the frames travel as uint8).
 
-    ``feed="rgb"`` passes RGB data as the repo's own detector copy does (§9.3); ``feed="bgr"`` reverses to BGR
-    as face_alignment does (§3). Both subtract the BGR means (104, 117, 123), as the reference does.
+    ``feed="rgb"`` is what the reference's face_detect feeds (its BGR frames reversed to RGB, then the BGR means
+    (104, 117, 123) subtracted from the R, G, B channels); ``feed="bgr"`` is face_alignment's (BGR order minus the
+    same means).
     """
     if frames_rgb.ndim != 4 or frames_rgb.shape[-1] != 3:
         raise ValueError(f"expected (B, H, W, 3) frames, got shape {frames_rgb.shape}")
     if feed not in ("rgb", "bgr"):
         raise ValueError(f"feed must be 'rgb' or 'bgr', got {feed!r}")
     frames = frames_rgb[..., ::-1] if feed == "bgr" else frames_rgb
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    return x - torch.tensor(CAFFE_MEANS).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()
+    return x - torch.tensor(CAFFE_MEANS, device=x.device).view(1, 3, 1, 1)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:

@@ -26,8 +26,17 @@ from retalk.pipeline.cache import ArtifactCache, FrameHasher, cache_key
 from retalk.pipeline.preview import PreviewEngine
 from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
 from retalk.pipeline.timing import Timeline, fit_audio, plan_timeline, samples_for_frames
-from retalk.registry import missing_checkpoints
-from retalk.tracking import TRACK_FORMAT, FaceSelector, FaceTrack, faceless_ranges, track_faces
+from retalk.registry import find_checkpoint, is_synthetic, missing_checkpoints
+from retalk.tracking import (
+    REFERENCE_FILES,
+    TRACK_FORMAT,
+    FaceSelector,
+    FaceTrack,
+    Tracker,
+    faceless_ranges,
+    reference_tracker,
+    track_faces,
+)
 
 ANALYSIS_RATE = 16000  # what engines hear (the reference's mel features are computed at 16 kHz)
 OUTPUT_AUDIO_RATE = 48000  # what the output file carries
@@ -179,18 +188,46 @@ def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
     return hasher.hexdigest()
 
 
+def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
+    """The tracker for the engine that renders and ``request.detector``, with the warnings of the choice.
+
+    The preview engine follows the face with dlib's landmarks between key frames (its speed; it ignores
+    ``detector``). The neural engine tracks every frame: with the reference's own networks (S3FD boxes, FAN points)
+    where their files are present (``auto``, which passes over the stand-ins `retalk models synth` writes, as they
+    find no real face; ``reference`` requires the files), else with dlib."""
+    if engine == "preview":
+        return Tracker(), []
+    if request.detector == "dlib":
+        return Tracker(key_interval=None), []
+    if request.detector == "reference":
+        return reference_tracker(request.checkpoints, request.device), []
+    try:
+        tracker = reference_tracker(request.checkpoints, request.device)
+    except CheckpointError:
+        reason = "S3FD and FAN are absent"
+    else:
+        files = [(find_checkpoint(name, request.checkpoints), name) for name in REFERENCE_FILES]
+        if not any(is_synthetic(path, name) for path, name in files):
+            return tracker, []
+        reason = "the S3FD and FAN found are synthetic stand-ins (--detector reference uses them anyway)"
+    return Tracker(key_interval=None), [
+        f"tracking with dlib: {reason}, so E-Net sees dlib-shaped face boxes, not the reference's; "
+        "`retalk models fetch` gets the real files"
+    ]
+
+
 def _track(
     request: RedubRequest,
+    tracker: Tracker,
     start: int,
     end: int,
     content_key: str,
     cache: ArtifactCache | None,
     stages: _Stages,
 ) -> tuple[FaceTrack, bool]:
-    """The face track of frames [start, end), from the cache when the same pixels were tracked before."""
-    # The tracker's settings are its defaults: name them in the key so a change of default invalidates entries.
-    tracker = "dlib-up1-max1024-face120-savgol-7-2"
-    key = cache_key(content_key, "track", request.face, tracker, TRACK_FORMAT, retalk.__version__)
+    """The face track of frames [start, end), from the cache when the same pixels were tracked before by the
+    same tracker (its identity names the detector, the landmark model and every setting)."""
+    key = cache_key(content_key, "track", request.face, tracker.identity, TRACK_FORMAT, retalk.__version__)
     cached = cache.get(TRACK_CACHE, key) if cache is not None else None
     if cached is not None:
         try:
@@ -201,11 +238,23 @@ def _track(
     track = track_faces(
         media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES),
         select=request.face,
+        tracker=tracker,
         progress=lambda done: stages.emit("track", done, total),
     )
     if cache is not None:
         cache.put(TRACK_CACHE, key, track.save)
     return track, False
+
+
+def faceless_warning(ranges: list[tuple[int, int]], frames: int, shown: int = 8) -> str:
+    """One line on the output frames that kept the source because no face was found in them."""
+    if ranges == [(0, frames)]:
+        return f"no face found in any of {frames} frames: the output is the source"
+    spans = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in ranges[:shown]]
+    if len(ranges) > shown:
+        spans.append(f"and {len(ranges) - shown} more ranges")
+    count = sum(b - a for a, b in ranges)
+    return f"no face found in {count} of {frames} frames (output frames {', '.join(spans)}): they are the source's"
 
 
 @dataclass
@@ -258,15 +307,15 @@ class PreparedRedub:
 
     def result(self) -> RedubResult:
         """What the re-dub returns once ``request.output`` is written."""
-        local = self.timeline.frame_map - self.clip.start
+        faceless = faceless_ranges(self.clip.track.found[self.timeline.frame_map - self.clip.start])
         return RedubResult(
             output=self.request.output,
             frames=self.frames,
             rate=self.clip.info.rate,
             duration=self.timeline.duration,
             engine=self.engine.name,
-            faceless_ranges=faceless_ranges(self.clip.track.found[local]),
-            warnings=self.warnings,
+            faceless_ranges=faceless,
+            warnings=self.warnings + ([faceless_warning(faceless, self.frames)] if faceless else []),
             stage_seconds=self.stages.seconds,
             cache_hits=self.cache_hits,
         )
@@ -290,6 +339,7 @@ def prepare(
     with stages.timed("check"):
         stages.emit("check", 0, 1)
         request.validate()
+        media.check_output(request.output, request.codec)  # a render must never fail at its last step
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
@@ -304,6 +354,8 @@ def prepare(
         wav_out = _read_new_audio(request, OUTPUT_AUDIO_RATE, needed)
         engine, engine_warnings = choose_engine(request)
         warnings += engine_warnings
+        tracker, tracker_warnings = choose_tracker(request, engine.name)
+        warnings += tracker_warnings
         if engine.name == "preview":
             warnings += [
                 f"--{name} {value} has no effect with the preview engine"
@@ -314,11 +366,6 @@ def prepare(
                 )
                 if value not in ("neutral", "none", "fp32")
             ]
-        expected_suffix = media.default_extension(request.codec)
-        if request.output.suffix.lower() != expected_suffix:
-            warnings.append(
-                f"-o {request.output.name}: codec {request.codec} writes a {expected_suffix} file"
-            )
         stages.emit("check", 1, 1)
 
     # 2. plan the output timeline: frame map and sample-exact audio lengths
@@ -344,7 +391,7 @@ def prepare(
         with stages.timed("hash"):
             content_key = _content_key(request.video, start, end, stages)
     with stages.timed("track"):
-        track, hit = _track(request, start, end, content_key, cache, stages)
+        track, hit = _track(request, tracker, start, end, content_key, cache, stages)
         if hit:
             cache_hits.append("track")
         stages.emit("track", end - start, end - start, "from cache" if hit else "")

@@ -120,7 +120,8 @@ def _concatenate(job: PreparedRedub, paths: list[Path]) -> None:
     temp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.part")
     audio = np.ascontiguousarray(job.wav_out[np.newaxis], dtype=np.float32)  # (1, n) planar mono
     try:
-        with av.open(str(paths[0])) as first, av.open(str(temp), "w", format=spec.container) as out:
+        container = media.container_for(output, job.request.codec)  # the output's suffix picks it
+        with av.open(str(paths[0])) as first, av.open(str(temp), "w", format=container) as out:
             video = out.add_stream_from_template(first.streams.video[0])
             video.time_base = tick
             video.codec_context.framerate = rate  # the muxer's frame rate (Matroska's default duration)

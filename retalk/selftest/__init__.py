@@ -1,37 +1,37 @@
 """``retalk selftest``: every network and function against the golden outputs of the reference code.
 
-Each golden file ``<name>.npz`` (inputs ``in.*``, outputs ``out.*``, a JSON ``meta``) is served by one
-case module in this package that declares ``GOLDEN = "<name>.npz"``, the official files it loads
-(``CHECKPOINTS``), optional per-output ``TOLERANCES``, and ``run(golden, meta, checkpoints, device)``
-returning its outputs keyed like the golden outputs without the ``out.`` prefix (files without
-``out.`` keys, such as ``functions.npz``, are keyed by the full golden name). The runner writes the
-case's checkpoints filled by the deterministic weight rule, runs the case through the real loaders
-and compares every output with the reference tolerances. Any missing case, missing output or
-exception is a failed row; the run goes on.
+Each golden file ``<name>.npz`` (inputs ``in.*``, outputs ``out.*``, a JSON ``meta``) is served by one row of
+:data:`retalk.selftest.cases.CASES`. The runner writes the row's checkpoints filled by the deterministic weight
+rule, runs the row through the real loaders and compares every output with the reference tolerances. Any
+missing case, missing output or exception is a failed row; the run goes on.
+
+Without ``--golden`` it runs the compact golden set shipped in ``retalk/data/golden`` (batch item 0 of each
+reference file, some outputs strided; ``retalk/data/golden/README.md`` says how it was cut). A compact file's
+``meta["compact"]["select"]`` names, per output, the slices of the full output it keeps; the runner takes the
+same slices of what the case returns before comparing.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
-import pkgutil
+import math
+import tempfile
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
-import platformdirs
 import torch
 
 from retalk.device import autocast
 from retalk.errors import InputError
-from retalk.registry import synth
-from retalk.shared import shared_dir
+from retalk.registry import get_spec, synth
+from retalk.selftest.cases import CASES, Case
 
-# README "How to compare": rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
+# The reference data's comparison rule: rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.
 REL_L2 = 1e-4
 MAX_ABS_OF_PEAK = 1e-3
 # 16-bit autocast (--precision): the rel L2 error every output must stay within instead of the fp32 rules.
@@ -49,33 +49,17 @@ class SelftestRow:
     detail: str  # the rule applied, or why the row failed
 
 
-def default_golden_dir() -> Path:
-    """``../shared/reference/golden`` beside the repository checkout (``$RETALK_SHARED`` overrides ../shared)."""
-    return shared_dir() / "reference" / "golden"
+COMPACT_GOLDEN = Path(__file__).resolve().parent.parent / "data" / "golden"
 
 
-def default_checkpoints_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
-
-
-def discover_cases() -> tuple[dict[str, ModuleType], list[SelftestRow]]:
-    """Case modules by golden file name, plus a failed row for each module that does not import."""
-    cases: dict[str, ModuleType] = {}
-    broken: list[SelftestRow] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        try:
-            module = importlib.import_module(f"{__name__}.{info.name}")
-        except Exception as err:  # a case under construction must not stop the others
-            broken.append(
-                SelftestRow(
-                    info.name, "-", None, None, False, f"case module does not import: {_one_line(err)}"
-                )
-            )
-            continue
-        golden = getattr(module, "GOLDEN", None)
-        if isinstance(golden, str):
-            cases[golden] = module
-    return cases, broken
+def synthetic_bytes(files: list[Path]) -> int:
+    """Disk the synthetic checkpoints for the golden ``files`` take (the tensor bytes of each official file)."""
+    names = {name for path in files if path.name in CASES for name in CASES[path.name].checkpoints}
+    return sum(
+        math.prod(entry[1]) * torch.empty((), dtype=getattr(torch, entry[2])).element_size()
+        for name in names
+        for entry in get_spec(name).entries
+    )
 
 
 def _one_line(err: BaseException) -> str:
@@ -97,7 +81,7 @@ def compare(
 ) -> SelftestRow:
     """Compare one output with its golden value.
 
-    Default rule (README): rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|. Overrides in ``tol``:
+    Default rule (the reference data's): rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|. Overrides in ``tol``:
     ``exact`` (identical values), ``min_equal`` (fraction of equal elements, label maps),
     ``max_grey`` (max abs difference, integer images), ``atol``/``rtol`` (elementwise
     ``|got - ref| <= atol + rtol * |ref|``), ``rel_l2`` (relative L2 alone: 16-bit precisions).
@@ -138,7 +122,11 @@ def compare(
 
 
 def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays of a golden file and its JSON metadata (``meta``; ``notes``/``versions`` in functions.npz)."""
+    """Arrays of a golden file and its JSON metadata (``meta``; ``notes``/``versions`` in functions.npz).
+
+    An array stored as ``<key>#codes`` and ``<key>#values`` (the compact set's lossless form of inputs with few
+    distinct values) is returned as ``<key>`` = ``values[codes]``, bit for bit the reference's array.
+    """
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     with np.load(path, allow_pickle=False) as data:
@@ -153,55 +141,74 @@ def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                     meta.update(parsed)
                 else:
                     meta[key] = parsed
-            else:
+            elif key.endswith("#codes"):
+                arrays[key.removesuffix("#codes")] = data[key.replace("#codes", "#values")][value]
+            elif not key.endswith("#values"):
                 arrays[key] = value
     return arrays, meta
 
 
+def compact_slices(value: np.ndarray, spec: list[list[int | None]] | None) -> np.ndarray:
+    """The slices ``spec`` (one ``[start, stop, step]`` per leading axis) of an output, as the compact set keeps."""
+    return value if spec is None else value[tuple(slice(*axis) for axis in spec)]
+
+
 def run_case(
-    golden_path: Path,
-    case: ModuleType,
-    checkpoints_dir: Path,
-    device: torch.device,
-    precision: str = "fp32",
+    golden_path: Path, case: Case, checkpoints_dir: Path, device: torch.device, precision: str = "fp32"
 ) -> list[SelftestRow]:
     network = golden_path.stem
     try:
         golden, meta = load_golden(golden_path)
-        synth(checkpoints_dir, getattr(case, "CHECKPOINTS", ()))
+        synth(checkpoints_dir, case.checkpoints)
         inputs = {k: v for k, v in golden.items() if not k.startswith("out.")}  # the case never sees answers
         with torch.inference_mode(), autocast(device, precision):
             outputs = case.run(inputs, meta, checkpoints_dir, device)
     except Exception as err:  # one broken case is one failed row, not a crashed selftest
         where = traceback.extract_tb(err.__traceback__)[-1]
-        return [
-            SelftestRow(
-                network,
-                "-",
-                None,
-                None,
-                False,
-                f"{_one_line(err)} ({Path(where.filename).name}:{where.lineno})",
-            )
-        ]
-    tolerances: Mapping[str, Mapping[str, Any]] = getattr(case, "TOLERANCES", {}) or {}
+        detail = f"{_one_line(err)} ({Path(where.filename).name}:{where.lineno})"
+        return [SelftestRow(network, "-", None, None, False, detail)]
+    tolerances: Mapping[str, Mapping[str, Any]] = case.tolerances
     if precision != "fp32":
         reduced = {"rel_l2": REDUCED_PRECISION_REL_L2[precision]}
         tolerances = {name: reduced for name in outputs}
+    select = meta.get("compact", {}).get("select", {})
     expected = [k.removeprefix("out.") for k in golden if k.startswith("out.")]
-    rows = []
-    for name in expected:
-        if name not in outputs:
-            rows.append(SelftestRow(network, name, None, None, False, "the case does not return this output"))
+    rows = [
+        SelftestRow(network, name, None, None, False, "the case does not return this output")
+        for name in expected
+        if name not in outputs
+    ]
     for name, value in outputs.items():
         ref = golden.get(f"out.{name}", golden.get(name))
         if ref is None:
             rows.append(SelftestRow(network, name, None, None, False, "not in the golden file"))
         else:
-            rows.append(compare(ref, value, tolerances.get(name), network=network, output=name))
+            got = compact_slices(np.asarray(value), select.get(name))
+            rows.append(compare(ref, got, tolerances.get(name), network=network, output=name))
     if not rows:
         rows.append(SelftestRow(network, "-", None, None, False, "the case returned no outputs"))
     return rows
+
+
+@contextlib.contextmanager
+def _checkpoints_folder(keep: Path | None) -> Iterator[Path]:
+    """``keep``, or a temporary folder removed afterwards (the synthetic weights take over a gigabyte)."""
+    if keep is not None:
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="retalk-selftest-") as folder:
+        yield Path(folder)
+
+
+def golden_files(golden_dir: str | Path | None) -> list[Path]:
+    """The ``*.npz`` files of ``golden_dir`` (default: the compact set shipped with retalk)."""
+    golden_dir = Path(golden_dir) if golden_dir is not None else COMPACT_GOLDEN
+    if not golden_dir.is_dir():
+        raise InputError(f"--golden {golden_dir}: no such folder; pass the folder of the golden *.npz files")
+    files = sorted(golden_dir.glob("*.npz"))
+    if not files:
+        raise InputError(f"--golden {golden_dir}: holds no *.npz golden files")
+    return files
 
 
 def run_selftest(
@@ -210,32 +217,26 @@ def run_selftest(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     *,
+    cases: Mapping[str, Case] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> list[SelftestRow]:
-    """Run every golden file in ``golden_dir`` through its case; one row per compared output."""
-    golden_dir = Path(golden_dir) if golden_dir is not None else default_golden_dir()
-    if not golden_dir.is_dir():
-        raise InputError(
-            f"no golden data at {golden_dir}; pass --golden DIR (the shared/reference/golden folder)"
-        )
-    files = sorted(golden_dir.glob("*.npz"))
-    if not files:
-        raise InputError(f"{golden_dir} holds no *.npz golden files; pass --golden DIR")
-    checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else default_checkpoints_dir()
+    """Run every golden file in ``golden_dir`` (default: the compact set) through its case; one row per compared
+    output. Synthetic checkpoints go to ``checkpoints_dir`` (kept) or, by default, a temporary folder."""
+    files = golden_files(golden_dir)
+    cases = CASES if cases is None else cases
     device = torch.device(device)
-    cases, rows = discover_cases()
-    for path in files:
-        if on_start:
-            on_start(path.name)
-        case = cases.get(path.name)
-        if case is None:
-            rows.append(
-                SelftestRow(
-                    path.stem, "-", None, None, False, f"no selftest case declares GOLDEN = {path.name!r}"
+    rows: list[SelftestRow] = []
+    with _checkpoints_folder(Path(checkpoints_dir) if checkpoints_dir is not None else None) as folder:
+        for path in files:
+            if on_start:
+                on_start(path.name)
+            case = cases.get(path.name)
+            if case is None:
+                rows.append(
+                    SelftestRow(path.stem, "-", None, None, False, f"no selftest case for {path.name}")
                 )
-            )
-        else:
-            rows.extend(run_case(path, case, checkpoints_dir, device, precision))
+            else:
+                rows.extend(run_case(path, case, folder, device, precision))
     return rows
 
 
