@@ -27,9 +27,9 @@ from retalk.pipeline.redub import CHUNK_FRAMES, OUTPUT_AUDIO_RATE, PreparedRedub
 from retalk.pipeline.request import RedubResult
 
 # Frames per segment, a multiple of CHUNK_FRAMES (every segment renders the same chunks as one machine would).
-# Measured with benchmarks/farm.py (preview engine, 2 CPU cores): a worker's first segment of a job costs 0.8 s
-# more (the job prepared again from the cache), 6 % of 256 frames at 55 ms a frame, and less with the neural
-# engine; 256 still spreads a 2-minute scene (3,000 frames) over 12 workers.
+# Measured with benchmarks/farm.py (preview engine, 2 loaded CPU cores): a worker's first segment of a job costs
+# 0.3 s more (the job prepared again from the cache), 4 % of 256 frames at 32 ms a frame, and less with the
+# neural engine; 256 still spreads a 2-minute scene (3,000 frames) over 12 workers.
 DEFAULT_SEGMENT_FRAMES = 256
 # Codecs that code every frame on its own: their segments are concatenated without re-encoding.
 INTRA_ONLY = ("lossless", "prores", "prores4444")
