@@ -8,7 +8,7 @@ from pathlib import Path
 
 from retalk_server.spec import JobSpec
 
-from retalk.pipeline import ProgressEvent, redub
+from retalk.pipeline import ProgressEvent, RedubRequest, RedubResult, redub
 
 
 def file_sha256(path: Path) -> str:
@@ -29,7 +29,11 @@ def run_redub(
     def report(event: ProgressEvent) -> None:
         progress(event.stage, event.done, event.total, event.message)
 
-    result = redub(request, progress=report, should_cancel=should_cancel)
+    return result_map(request, redub(request, progress=report, should_cancel=should_cancel))
+
+
+def result_map(request: RedubRequest, result: RedubResult) -> dict:
+    """What PROGRESS(done) carries and RENDER/FETCH serve (§4.4), for a written ``result``."""
     return {
         "frames": result.frames,
         "rate": [result.rate.numerator, result.rate.denominator],

@@ -73,6 +73,15 @@ def load_runner(path: str) -> Runner:
     return getattr(importlib.import_module(module_name), name)
 
 
+def failure(err: Exception) -> dict:
+    """A failed event's data for ``err``, raised by a runner (call it in the ``except`` block: an internal
+    fault carries its traceback)."""
+    code = error_code(err)
+    text = f"{type(err).__name__}: {err}" if code == "internal" else str(err)
+    detail = traceback.format_exc() if code == "internal" else ""
+    return {"code": code, "message": text, "traceback": detail}
+
+
 def _watch_parent(parent_pid: int) -> None:
     # A worker must not outlive its server (a SIGKILLed server cannot stop it): it would finish a job the
     # restarted server runs again.
@@ -125,10 +134,7 @@ def _run_one(runner: Runner, spec: JobSpec, token: int, cancel_token, send) -> t
     except CancelledError:
         return ("cancelled", token, {})
     except Exception as err:
-        code = error_code(err)
-        text = f"{type(err).__name__}: {err}" if code == "internal" else str(err)
-        detail = traceback.format_exc() if code == "internal" else ""
-        return ("failed", token, {"code": code, "message": text, "traceback": detail})
+        return ("failed", token, failure(err))
 
 
 @dataclass

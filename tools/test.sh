@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: install everything the tests need on this machine, then run pytest.
 #   tools/test.sh [PYTEST ARGS ...]
-# 1. the system programs the tests run: espeak-ng and sox (sample speech), Xvfb (the Resolve dialog tests), and
-#    the shared libraries bpy loads; installed with apt-get when run as root, else named in a message
-# 2. retalk and its dev extra, editable, into the Python that runs the tests: $PYTHON, default python3 (in an
-#    active virtual environment, its own)
+# 1. the system programs the tests run: espeak-ng and sox (sample speech), Xvfb (the Resolve dialog tests), ip
+#    (the render farm tests' private network), and the shared libraries bpy loads; installed with apt-get when
+#    run as root, else named in a message
+# 2. retalk with its dev and ray extras, editable, into the Python that runs the tests: $PYTHON, default python3
+#    (in an active virtual environment, its own)
 # 3. the bpy venvs of the Blender add-on tests (tools/blender_venvs.sh)
 # 4. pytest, with RETALK_SHARED set to ../shared beside the checkout when it is not set and that folder exists
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHON="${PYTHON:-python3}"
 
 missing=()
-for program_package in espeak-ng:espeak-ng sox:sox Xvfb:xvfb; do
+for program_package in espeak-ng:espeak-ng sox:sox Xvfb:xvfb ip:iproute2; do
     command -v "${program_package%%:*}" >/dev/null || missing+=("${program_package##*:}")
 done
 # the shared libraries bpy loads (the Blender add-on tests), by their Debian packages
@@ -34,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-"$PYTHON" -m pip install -q -e ".[dev]"
+"$PYTHON" -m pip install -q -e ".[dev,ray]"
 tools/blender_venvs.sh
 
 if [ -z "${RETALK_SHARED:-}" ] && [ -d ../shared ]; then

@@ -59,6 +59,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--server-key", type=Path, help="the server's *.key_secret (from `retalk keys`)")
     serve.add_argument("--allow", type=Path, help="folder of allowed client public *.key files")
     serve.add_argument("--runner", default=None, help="advanced: the job runner as module:function")
+    # the render farm (retalk_server.ray_pool; README: Render farm)
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="render on a Ray cluster: its ADDRESS (default $RAY_ADDRESS, or the cluster `ray start --head` "
+        "made here), or `local` to start one on this machine; --workers and --runner do not apply then",
+    )
+    serve.add_argument(
+        "--segment-frames",
+        type=int,
+        help="with --ray: longer jobs are split into segments of this many frames, rendered in parallel "
+        "(default 256)",
+    )
+    serve.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=4,
+        help="with --ray on a cluster without GPUs: CPUs of one worker",
+    )
     serve.set_defaults(func=run_serve)
 
     keys = subparsers.add_parser("keys", help="make a CURVE key pair for the server or a client")
@@ -137,7 +158,26 @@ def run_serve(args: argparse.Namespace) -> int:
         config.state_dir = args.state_dir
     if args.runner is not None:
         config.runner = args.runner
-    server = Server(config)
+    pool = None
+    if args.ray is not None:  # the render farm: Ray is imported only here
+        from retalk_server.ray_pool import RayPool
+
+        config.check()  # refused before connecting to a cluster
+        pool = RayPool(
+            args.ray,
+            state_dir=config.state_dir,
+            device=config.device,
+            precision=config.precision,
+            max_attempts=config.max_attempts,
+            segment_frames=args.segment_frames,
+            cpus_per_worker=args.cpus_per_worker,
+        )
+    try:
+        server = Server(config, pool=pool)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -207,6 +247,14 @@ def _progress(entry: dict) -> str:
     return "-"
 
 
+def _worker_line(worker: dict) -> str:
+    """A worker of STATUS (§4.5); on a render farm with its node and the output frames it renders."""
+    node = f" on {worker['node']}" if worker.get("node") else ""
+    segment = f" frames {worker['segment'][0]}-{worker['segment'][1]}" if worker.get("segment") else ""
+    activity = worker["job"] or ("idle" if worker["ready"] else "starting")
+    return f"worker {worker['id']}{node} pid {worker['pid'] or '-'} {worker['device'] or '-'}: {activity}{segment}"
+
+
 def run_status(args: argparse.Namespace) -> int:
     if args.job is not None:
         return _job_status(args)
@@ -220,11 +268,7 @@ def run_status(args: argparse.Namespace) -> int:
     lines = [
         f"{status['server']} up {_age(status['uptime'])}, {status['clients']} client(s), "
         f"{status['streams']} stream(s); devices: {', '.join(status['devices']) or 'starting'}",
-        *(
-            f"worker {w['id']} pid {w['pid']} {w['device'] or '-'}: "
-            f"{w['job'] or ('idle' if w['ready'] else 'starting')}"
-            for w in status["workers"]
-        ),
+        *map(_worker_line, sorted(status["workers"], key=lambda w: w.get("node", ""))),  # a farm's: by node
         f"jobs: {counts}; queue: {' '.join(status['queue']) or 'empty'}",
     ]
     if jobs:

@@ -2,7 +2,9 @@
 
 ``redub`` reads as its stages: 1. check inputs, 2. plan the output timeline, 3. track faces (video-only,
 cached by content), 4. choose and prepare the engine, 5. render chunk by chunk and encode with the new audio.
-Memory is bounded by the chunk size, never by the clip length; nothing is written half-way.
+Memory is bounded by the chunk size, never by the clip length; nothing is written half-way. Stages 1-4 are
+``prepare``; its :class:`PreparedRedub` renders any range of output frames, which is how a render farm splits a
+job (``retalk.pipeline.segments``).
 """
 
 from __future__ import annotations
@@ -255,12 +257,80 @@ def faceless_warning(ranges: list[tuple[int, int]], frames: int, shown: int = 8)
     return f"no face found in {count} of {frames} frames (output frames {', '.join(spans)}): they are the source's"
 
 
-def redub(
+@dataclass
+class PreparedRedub:
+    """A re-dub after stages 1-4: any range of output frames renders from it, in any order, and output frame
+    ``i`` is the same whichever range it is rendered in (engines seed per output frame; ranges that start on a
+    multiple of CHUNK_FRAMES also see the same chunks as a whole render)."""
+
+    request: RedubRequest
+    clip: SourceClip
+    timeline: Timeline
+    engine: Engine
+    wav_out: np.ndarray  # the new audio at OUTPUT_AUDIO_RATE, exactly as long as the output
+    warnings: list[str]
+    cache_hits: list[str]
+    stages: _Stages
+
+    @property
+    def frames(self) -> int:
+        return self.timeline.frames
+
+    def render(self, a: int, b: int) -> Iterator[np.ndarray]:
+        """Output frames [a, b), chunk by chunk (reported as stage ``render``, done out of ``b - a``)."""
+        frame_map, clip = self.timeline.frame_map, self.clip
+        reader = _FrameReader(clip.path, clip.end)
+        for c in range(a, b, CHUNK_FRAMES):
+            d = min(c + CHUNK_FRAMES, b)
+            with self.stages.timed("decode"):
+                frames = reader.read(frame_map[c:d])
+            with self.stages.timed("render"):
+                rendered = self.engine.render_chunk(frames, frame_map[c:d], np.arange(c, d))
+                faceless = ~clip.track.found[frame_map[c:d] - clip.start]
+                rendered[faceless] = frames[faceless]
+            yield rendered
+            self.stages.emit("render", d - a, b - a)
+
+    def writer(self, path: Path, codec: str, *, audio: bool = True) -> media.VideoWriter:
+        """A writer of this job's frames into ``path``, with the new audio unless ``audio`` is False."""
+        info = self.clip.info
+        return media.VideoWriter(
+            path,
+            width=info.width,
+            height=info.height,
+            rate=info.rate,
+            codec=codec,
+            color=info.color,
+            audio=self.wav_out if audio else None,
+            audio_rate=OUTPUT_AUDIO_RATE,
+        )
+
+    def result(self) -> RedubResult:
+        """What the re-dub returns once ``request.output`` is written."""
+        faceless = faceless_ranges(self.clip.track.found[self.timeline.frame_map - self.clip.start])
+        return RedubResult(
+            output=self.request.output,
+            frames=self.frames,
+            rate=self.clip.info.rate,
+            duration=self.timeline.duration,
+            engine=self.engine.name,
+            faceless_ranges=faceless,
+            warnings=self.warnings + ([faceless_warning(faceless, self.frames)] if faceless else []),
+            stage_seconds=self.stages.seconds,
+            cache_hits=self.cache_hits,
+        )
+
+
+def prepare(
     request: RedubRequest,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> RedubResult:
-    """Re-dub ``request.video`` frames [start, end) with ``request.audio``; see :class:`RedubRequest`."""
+    *,
+    content_key: str | None = None,
+) -> PreparedRedub:
+    """Stages 1-4 of a re-dub: everything but rendering and encoding. ``content_key`` (of a job prepared before,
+    e.g. on another machine) skips hashing the video range; the track and the engine's video-only work then
+    come from the cache."""
     stages = _Stages(progress, should_cancel)
     warnings: list[str] = []
     cache_hits: list[str] = []
@@ -317,8 +387,9 @@ def redub(
 
     # 3. track faces (video-only: cached by decoded content, never by file name)
     cache = ArtifactCache(request.cache_dir) if request.use_cache else None
-    with stages.timed("hash"):
-        content_key = _content_key(request.video, start, end, stages)
+    if content_key is None:
+        with stages.timed("hash"):
+            content_key = _content_key(request.video, start, end, stages)
     with stages.timed("track"):
         track, hit = _track(request, tracker, start, end, content_key, cache, stages)
         if hit:
@@ -331,32 +402,27 @@ def redub(
         cache_hits += engine.prepare(clip, stages.emit)
         engine.listen(wav16k, info.rate, n_out)
 
-    # 5. render chunk by chunk and encode with the new audio
-    local = timeline.frame_map - start
-    reader = _FrameReader(request.video, end)
-    stages.emit("render", 0, n_out)
-    writer = media.VideoWriter(
-        request.output,
-        width=info.width,
-        height=info.height,
-        rate=info.rate,
-        codec=request.codec,
-        color=info.color,
-        audio=wav_out,
-        audio_rate=OUTPUT_AUDIO_RATE,
-    )
+    return PreparedRedub(request, clip, timeline, engine, wav_out, warnings, cache_hits, stages)
+
+
+def redub(
+    request: RedubRequest,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> RedubResult:
+    """Re-dub ``request.video`` frames [start, end) with ``request.audio``; see :class:`RedubRequest`."""
+    return render_and_encode(prepare(request, progress, should_cancel))
+
+
+def render_and_encode(job: PreparedRedub) -> RedubResult:
+    """Stage 5 of a re-dub: every output frame, chunk by chunk, encoded with the new audio into the output."""
+    stages, request = job.stages, job.request
+    stages.emit("render", 0, job.frames)
+    writer = job.writer(request.output, request.codec)
     try:
-        for a in range(0, n_out, CHUNK_FRAMES):
-            b = min(a + CHUNK_FRAMES, n_out)
-            with stages.timed("decode"):
-                frames = reader.read(timeline.frame_map[a:b])
-            with stages.timed("render"):
-                rendered = engine.render_chunk(frames, timeline.frame_map[a:b], np.arange(a, b))
-                faceless = ~track.found[local[a:b]]
-                rendered[faceless] = frames[faceless]
+        for rendered in job.render(0, job.frames):
             with stages.timed("encode"):
                 writer.write(rendered)
-            stages.emit("render", b, n_out)
         stages.emit("encode", 0, 1)
         with stages.timed("encode"):
             writer.close()  # the file appears whole, or (abort below) not at all
@@ -364,18 +430,4 @@ def redub(
         writer.abort()
         raise
     stages.emit("encode", 1, 1, cancellable=False)
-
-    faceless = faceless_ranges(track.found[local])
-    if faceless:
-        warnings.append(faceless_warning(faceless, n_out))
-    return RedubResult(
-        output=request.output,
-        frames=n_out,
-        rate=info.rate,
-        duration=timeline.duration,
-        engine=engine.name,
-        faceless_ranges=faceless,
-        warnings=warnings,
-        stage_seconds=stages.seconds,
-        cache_hits=cache_hits,
-    )
+    return job.result()
