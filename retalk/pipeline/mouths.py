@@ -16,7 +16,6 @@ Audio-driven, in ``listen``:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,12 +154,6 @@ def select_exemplars(found: np.ndarray, openings: np.ndarray) -> np.ndarray:
     return np.sort(runs[np.union1d(widest, spaced)].ravel())
 
 
-@functools.lru_cache(maxsize=1)
-def _landmarker() -> DlibLandmarks:
-    """The tracker's landmark model, loaded once per process."""
-    return DlibLandmarks()
-
-
 def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] | None = None) -> MouthIndex:
     """Decode the exemplar frames of ``clip`` once and keep their aligned mouth patches and lip points.
 
@@ -174,13 +167,14 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     patches = np.empty((len(frames), height, width, 3), np.uint8)
     landmarks = np.empty((len(frames), 68, 2))
     if len(frames):
+        landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
         for chunk in media.iter_frames(clip.path, clip.start + first, clip.start + last + 1):
             local = chunk.start - clip.start + np.arange(len(chunk.frames))
             rows = np.searchsorted(frames, local)
             for frame, row, at in zip(chunk.frames, rows, local, strict=True):
                 if row < len(frames) and frames[row] == at:
-                    landmarks[row] = _landmarker().landmarks(frame, track.raw_boxes[at][None])[0]
+                    landmarks[row] = landmarker.landmarks(frame, track.raw_boxes[at][None])[0]
                     patches[row] = cv2.warpAffine(
                         frame,
                         patch_transform(landmarks[row]),

@@ -412,8 +412,12 @@ class PreviewEngine:
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
         drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
-        posed = [pose_mouth(index.rest, o, w) for o, w in zip(drive.openness, drive.width, strict=True)]
-        targets = mouth_shapes(np.array(posed).reshape(-1, 68, 2))
+        targets = np.array(
+            [
+                mouth_shapes(pose_mouth(index.rest, o, w))
+                for o, w in zip(drive.openness, drive.width, strict=True)
+            ]
+        ).reshape(-1, 3)
         exemplar = choose_mouths(index, targets)
         synthesis = np.zeros(n_frames)
         if len(index):  # else no frame has a face: nothing will be rendered
