@@ -108,15 +108,16 @@ def test_an_exemplar_mouth_keeps_the_colour_of_the_face_it_is_pasted_on(still_fa
     assert np.abs(shift).max() < 0.05 * plain[lips].mean()  # without matching: +30 %
 
 
-def _index(frames, openings, widths=None):
-    """An index of exemplars at source ``frames`` with these shapes (no pixels needed for the choice)."""
+def _index(frames, openings, doubt=None):
+    """An index of exemplars at source ``frames`` with these openings (no pixels needed for the choice)."""
     k = len(frames)
-    shapes = np.c_[openings, np.full(k, 0.9) if widths is None else widths, np.full(k, 0.3)]
+    shapes = np.c_[openings, np.full(k, 0.9), np.full(k, 0.3)]
     return MouthIndex(
         np.asarray(frames),
         np.zeros((k, 1, 1, 3), np.uint8),
         np.zeros((k, 20, 2)),
         shapes,
+        np.zeros(k) if doubt is None else np.asarray(doubt),
         np.zeros((68, 2)),
         0.2,
     )
@@ -149,6 +150,12 @@ def test_nearby_source_frames_are_cheaper_to_cut_to_than_distant_ones():
     index = _index([0, 5, 500], [0.0, 0.198, 0.2])
     targets = np.c_[[0.0, 0.0, 0.2, 0.2], np.full(4, 0.9), np.full(4, 0.3)]
     assert list(choose_mouths(index, targets)) == [0, 0, 1, 1]
+
+
+def test_the_choice_avoids_an_exemplar_whose_opening_is_in_doubt():
+    # frames 0 and 500 both measure 0.2 open, but the landmark model placed frame 0's lips two ways
+    index = _index([0, 500], [0.2, 0.2], doubt=[0.03, 0.0])
+    assert list(choose_mouths(index, np.tile([0.2, 0.9, 0.3], (3, 1)))) == [1, 1, 1]
 
 
 def test_the_choice_of_a_long_line_is_solved_in_blocks_that_continue(monkeypatch):

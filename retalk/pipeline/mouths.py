@@ -8,7 +8,8 @@ Video-only, in ``prepare`` (cached by the clip's content and its face track, so 
      a small patch, never a full frame.
 Audio-driven, in ``listen``:
   3. choose one exemplar per output frame for the whole output at once by dynamic programming (Viterbi): a
-     shape cost (opening, width, roundness against the target) plus a cost for every cut between source
+     shape cost (opening, width, roundness against the target, and the doubt about the exemplar's opening)
+     plus a cost for every cut between source
      frames that grows with their distance, while playing the source forward costs nothing, so the mouth
      texture runs smoothly instead of flickering between exemplars. The choice for an output frame depends
      only on the audio and the clip, never on how the output is cut into chunks or segments.
@@ -121,6 +122,7 @@ class MouthIndex:
     patches: np.ndarray  # (K, H, W, 3) uint8 RGB, PATCH_SIZE
     lips: np.ndarray  # (K, 20, 2) points 48-67 in patch pixels
     shapes: np.ndarray  # (K, 3) mouth_shapes of each exemplar
+    doubt: np.ndarray  # (K,) how far apart two estimates of its opening are (eye distances)
     rest: np.ndarray  # (68, 2) the clip's median face in patch pixels: what target shapes are posed on
     reach: float  # how wide the person opens their mouth when speaking (98th percentile, eye distances)
 
@@ -157,15 +159,17 @@ def select_exemplars(found: np.ndarray, openings: np.ndarray) -> np.ndarray:
 def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] | None = None) -> MouthIndex:
     """Decode the exemplar frames of ``clip`` once and keep their aligned mouth patches and lip points.
 
-    The points are the landmark model's own on the frame (at the detector's box, as the tracker found
-    them), not the track's: those are smoothed over several frames, which leaves fast lips up to a few
-    hundredths of an eye distance off the pixels the patch shows, and the exemplar would be warped by
-    that error."""
+    The points are the landmark model's own on the frame, not the track's: those are smoothed over several
+    frames, which leaves fast lips up to a few hundredths of an eye distance off the pixels the patch shows,
+    and the exemplar would be warped by that error. The model runs from two boxes (the track's smoothed one
+    and the detector's own); the points are their mean, and how far the two openings differ is the
+    exemplar's doubt: the choice avoids mouths whose lips the model cannot pin down."""
     track = clip.track
     frames = select_exemplars(track.found, mouth_shapes(track.landmarks)[:, 0])
     width, height = PATCH_SIZE
     patches = np.empty((len(frames), height, width, 3), np.uint8)
     landmarks = np.empty((len(frames), 68, 2))
+    doubt = np.empty(len(frames))
     if len(frames):
         landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
@@ -174,7 +178,12 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
             rows = np.searchsorted(frames, local)
             for frame, row, at in zip(chunk.frames, rows, local, strict=True):
                 if row < len(frames) and frames[row] == at:
-                    landmarks[row] = landmarker.landmarks(frame, track.raw_boxes[at][None])[0]
+                    two = [
+                        landmarker.landmarks(frame, box[None])[0]
+                        for box in (track.boxes[at], track.raw_boxes[at])
+                    ]
+                    landmarks[row] = (two[0] + two[1]) / 2
+                    doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
                     patches[row] = cv2.warpAffine(
                         frame,
                         patch_transform(landmarks[row]),
@@ -185,7 +194,7 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
             if report is not None:
                 report("mouths", int(local[-1]) - first + 1, last - first + 1)
     lips = to_patch(landmarks)[:, LIPS]
-    return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), *_from_track(track))
+    return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 
 
 def _track_digest(track: FaceTrack) -> str:
@@ -200,7 +209,8 @@ def _load(path, track: FaceTrack) -> MouthIndex:
         with np.load(path) as data:
             if int(data["format"]) != INDEX_FORMAT:
                 raise InputError(f"{path}: mouth index format {int(data['format'])}, expected {INDEX_FORMAT}")
-            frames, patches, lips, shapes = data["frames"], data["patches"], data["lips"], data["shapes"]
+            frames, patches, lips = data["frames"], data["patches"], data["lips"]
+            shapes, doubt = data["shapes"], data["doubt"]
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"{path}: not a mouth index ({err}); delete it to rebuild") from err
     k = len(frames)
@@ -209,10 +219,11 @@ def _load(path, track: FaceTrack) -> MouthIndex:
         patches.shape != (k, height, width, 3)
         or lips.shape != (k, 20, 2)
         or shapes.shape != (k, 3)
+        or doubt.shape != (k,)
         or (k and frames.max() >= len(track))
     ):
         raise InputError(f"{path}: inconsistent mouth index arrays; delete it to rebuild")
-    return MouthIndex(frames, patches, lips, shapes, *_from_track(track))
+    return MouthIndex(frames, patches, lips, shapes, doubt, *_from_track(track))
 
 
 def mouth_index(clip: SourceClip, report: Callable[[str, int, int], None]) -> tuple[MouthIndex, bool]:
@@ -229,12 +240,7 @@ def mouth_index(clip: SourceClip, report: Callable[[str, int, int], None]) -> tu
             cached.unlink(missing_ok=True)  # damaged entry: rebuild it
     index = build_mouth_index(clip, report)
     if clip.cache is not None:
-        arrays = {
-            "frames": index.frames,
-            "patches": index.patches,
-            "lips": index.lips,
-            "shapes": index.shapes,
-        }
+        arrays = {name: getattr(index, name) for name in ("frames", "patches", "lips", "shapes", "doubt")}
         clip.cache.put(CACHE_KIND, key, lambda path: np.savez(path, format=INDEX_FORMAT, **arrays))
     return index, False
 
@@ -282,6 +288,7 @@ def choose_mouths(index: MouthIndex, targets: np.ndarray) -> np.ndarray:
     for a in range(0, n, BLOCK):
         b = min(a + BLOCK, n)
         shape_cost = (((targets[a:b, None, :] - index.shapes[None]) / SHAPE_SCALE) ** 2).sum(-1)  # (m, K)
+        shape_cost += (index.doubt / SHAPE_SCALE[0]) ** 2  # a doubtful opening costs as much as a wrong one
         came = np.empty(shape_cost.shape, np.int32)
         if a == 0:
             cost = shape_cost[0]
