@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import cv2
+import numpy as np
 import pytest
 from mediagen import write_face_clip, write_tone
 
@@ -155,7 +157,11 @@ def test_bench_json_end_to_end(tmp_path, timing_file, capsys):
         "--codec",
         "lossless",
     ]
-    assert main([*argv, "--long", "2", "--reference-timing", str(timing_file), "--json"]) == 0
+    sheet = tmp_path / "mouths.png"
+    assert (
+        main([*argv, "--long", "2", "--reference-timing", str(timing_file), "--json", "--sheet", str(sheet)])
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert results["video"] == str(video)
     assert results["first"]["frames"] == results["second"]["frames"] == 8  # the video's range
@@ -167,3 +173,17 @@ def test_bench_json_end_to_end(tmp_path, timing_file, capsys):
         assert results[take]["peak_rss_mb"] > 0
         assert all(s >= 0 for s in results[take]["stage_seconds"].values())
     assert results["reference"] == reference_costs(timing_file)
+
+    # the contact sheet: 8 numbered columns of 128 px after a label column, source mouths above output mouths
+    picture = cv2.imread(str(sheet))
+    assert picture.shape == (24 + 2 * 128, 64 + 8 * 128, 3)
+    source, output = picture[24:152, 64:], picture[152:, 64:]
+    assert source.std() > 10 and output.std() > 10  # mouths, not blank cells
+    assert np.abs(source.astype(int) - output).mean() > 1  # the re-dubbed mouths differ from the source's
+
+
+def test_bench_refuses_a_sheet_it_cannot_write_before_any_take(tmp_path, capsys):
+    for bad in (tmp_path / "absent" / "sheet.png", tmp_path / "sheet.jpg"):
+        assert main(["bench", "--engine", "preview", "--sheet", str(bad)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(bad) in err[0]

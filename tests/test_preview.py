@@ -1,17 +1,19 @@
-"""The preview engine: audio-driven mouth parameters, the landmark pose, the warp, and lip sync measured
-on real footage with the tracker."""
+"""The preview engine: audio-driven mouth parameters, the landmark pose, the warp, and the choice of
+exemplar mouths (on real footage: tests/test_preview_mouths.py)."""
 
 from __future__ import annotations
 
 from fractions import Fraction
 
+import cv2
 import numpy as np
 import pytest
 from mediagen import face_image
 
-from retalk import media
-from retalk.pipeline.preview import inner_lip_gap, mouth_drive, pose_mouth, render_frame
-from retalk.tracking import DlibDetector, DlibLandmarks, Tracker, track_faces
+from retalk.pipeline import mouths
+from retalk.pipeline.mouths import MouthIndex, choose_mouths, inner_lip_gap, select_exemplars
+from retalk.pipeline.preview import mouth_drive, pose_mouth, render_frame
+from retalk.tracking import track_faces
 
 SR = 16000
 RATE = Fraction(25)
@@ -19,11 +21,6 @@ RATE = Fraction(25)
 
 def eye_distance(lm: np.ndarray) -> float:
     return float(np.linalg.norm(lm[42:48].mean(0) - lm[36:42].mean(0)))
-
-
-def mouth_opening(lm: np.ndarray) -> float:
-    """Inner-lip distance (61-67, 62-66, 63-65) over the eye distance: a size-free mouth opening."""
-    return float(np.linalg.norm(lm[[67, 66, 65]] - lm[[61, 62, 63]], axis=1).mean() / eye_distance(lm))
 
 
 def loudness(wav: np.ndarray, rate: Fraction, n_frames: int) -> np.ndarray:
@@ -74,9 +71,17 @@ def test_pose_closes_the_old_mouth_then_opens_the_new_one(still_face):
     assert width[0] < width[1] < width[2]
 
 
-def test_only_the_lower_face_changes(still_face):
+def own_mouth(face: np.ndarray, lm: np.ndarray) -> mouths.Mouth:
+    """The face's own mouth as an exemplar: what a mouth index holds for this frame."""
+    patch = cv2.warpAffine(face, mouths.patch_transform(lm), mouths.PATCH_SIZE, flags=cv2.INTER_LINEAR)
+    return mouths.Mouth(patch, mouths.to_patch(lm[None])[0, mouths.LIPS])
+
+
+@pytest.mark.parametrize("exemplar", [False, True])
+def test_only_the_lower_face_changes(still_face, exemplar):
     face, lm = still_face
-    out = render_frame(face, lm, 1.0, 0.5)
+    mouth = own_mouth(face, lm) if exemplar else None
+    out = render_frame(face, lm, 1.0, 0.5, mouth=mouth)
     changed = np.any(out != face, axis=-1)
     ys, xs = np.nonzero(changed)
     (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
@@ -84,33 +89,96 @@ def test_only_the_lower_face_changes(still_face):
     assert changed.sum() > 0.1 * w * h  # a visible change...
     assert xs.min() >= x0 - 0.5 * w and xs.max() <= x1 + 0.5 * w  # ...inside a margin around the face
     assert ys.min() >= lm[27:36, 1].min() and ys.max() <= y1 + 0.5 * h  # and below the nose bridge
-    mouth = lm[48:68].mean(0).astype(int)
-    assert changed[mouth[1], mouth[0]]
+    mouth_centre = lm[48:68].mean(0).astype(int)
+    assert changed[mouth_centre[1], mouth_centre[0]]
 
 
-@pytest.mark.parametrize("clip", ["face1.mp4", "face2.mp4"])
-def test_output_mouth_follows_the_new_audio(media_dir, clip):
-    """The tracker measures the mouth opening on the rendered frames: it must follow the loudness of the new
-    audio, far better than the original clip's mouth does (the baseline)."""
-    n = 48
-    path = media_dir / clip
-    rate = media.probe(path).rate
-    frames = media.read_frames(path, 0, n)
-    large_faces = Tracker(detector=DlibDetector(upsample=0))  # no up-sampling needed
-    track = track_faces([frames], tracker=large_faces)
-    assert track.found.all()
-    wav = media.read_audio(media_dir / "speech1.wav", duration=Fraction(n) / rate)
-    drive = mouth_drive(wav, rate, n)
-    out = [
-        render_frame(f, lm, o, w)
-        for f, lm, o, w in zip(frames, track.landmarks, drive.openness, drive.width, strict=True)
-    ]
+def test_an_exemplar_mouth_keeps_the_colour_of_the_face_it_is_pasted_on(still_face):
+    """The face's own mouth, brightened by a third, pasted back: colour matching to the skin around the lips
+    undoes the change."""
+    face, lm = still_face
+    mouth = own_mouth(face, lm)
+    brighter = mouths.Mouth(np.clip(mouth.patch * 1.3, 0, 255).astype(np.uint8), mouth.lips)
+    plain = render_frame(face, lm, 0.0, 0.0, mouth=mouth)
+    matched = render_frame(face, lm, 0.0, 0.0, mouth=brighter)
+    lips = np.zeros(face.shape[:2], np.uint8)
+    cv2.fillPoly(lips, [np.round(lm[48:60]).astype(np.int32)], 1)
+    lips = lips > 0
+    shift = matched[lips].astype(float).mean(0) - plain[lips].astype(float).mean(0)
+    assert np.abs(shift).max() < 0.05 * plain[lips].mean()  # without matching: +30 %
 
-    landmarks = DlibLandmarks()
-    rendered = [landmarks.landmarks([f], box[None])[0] for f, box in zip(out, track.boxes, strict=True)]
-    env = loudness(wav, rate, n)
-    corr_out = np.corrcoef([mouth_opening(lm) for lm in rendered], env)[0, 1]
-    corr_src = np.corrcoef([mouth_opening(lm) for lm in track.landmarks], env)[0, 1]
-    print(f"{clip}: output corr {corr_out:.3f}, original corr {corr_src:.3f}")
-    assert corr_out > 0.7
-    assert corr_out > corr_src + 0.5
+
+def _index(frames, openings, doubt=None):
+    """An index of exemplars at source ``frames`` with these openings (no pixels needed for the choice)."""
+    k = len(frames)
+    shapes = np.c_[openings, np.full(k, 0.9), np.full(k, 0.3)]
+    return MouthIndex(
+        np.asarray(frames),
+        np.zeros((k, 1, 1, 3), np.uint8),
+        np.zeros((k, 20, 2)),
+        shapes,
+        np.zeros(k) if doubt is None else np.asarray(doubt),
+        np.zeros((68, 2)),
+        0.2,
+    )
+
+
+def test_the_choice_matches_the_target_shapes():
+    index = _index(np.arange(0, 100, 10), np.linspace(0.0, 0.27, 10))  # far apart: every switch is a cut
+    wanted = np.array([0, 9, 3, 3, 3, 3, 7, 1])
+    targets = index.shapes[wanted]
+    assert np.array_equal(choose_mouths(index, targets), wanted)
+
+
+def test_the_choice_plays_the_source_forward_rather_than_flickering():
+    """Targets that wobble around the openings of a run of consecutive source frames: the choice plays the
+    run (free) instead of cutting to the exemplar that matches each wobble best, which a per-frame choice
+    would do."""
+    run = np.linspace(0.05, 0.2, 12)
+    frames = np.r_[np.arange(100, 112), np.arange(300, 312)]
+    openings = np.r_[run, run + 0.004]
+    index = _index(frames, openings)
+    wobble = np.where(np.arange(12) % 2, 0.004, 0.0)
+    choice = choose_mouths(index, np.c_[run + wobble, np.full(12, 0.9), np.full(12, 0.3)])
+    assert np.array_equal(np.diff(index.frames[choice]), np.ones(11)), index.frames[choice]
+    greedy = np.argmin(np.abs(openings[None] - (run + wobble)[:, None]), axis=1)
+    assert np.count_nonzero(np.diff(index.frames[greedy]) != 1) > 5  # the per-frame best flickers
+
+
+def test_nearby_source_frames_are_cheaper_to_cut_to_than_distant_ones():
+    # from exemplar 0 (frame 0) the target moves to a shape that frame 500 matches a little better than 5
+    index = _index([0, 5, 500], [0.0, 0.198, 0.2])
+    targets = np.c_[[0.0, 0.0, 0.2, 0.2], np.full(4, 0.9), np.full(4, 0.3)]
+    assert list(choose_mouths(index, targets)) == [0, 0, 1, 1]
+
+
+def test_the_choice_avoids_an_exemplar_whose_opening_is_in_doubt():
+    # frames 0 and 500 both measure 0.2 open, but the landmark model placed frame 0's lips two ways
+    index = _index([0, 500], [0.2, 0.2], doubt=[0.03, 0.0])
+    assert list(choose_mouths(index, np.tile([0.2, 0.9, 0.3], (3, 1)))) == [1, 1, 1]
+
+
+def test_the_choice_of_a_long_line_is_solved_in_blocks_that_continue(monkeypatch):
+    """Blocks bound the memory of a long line; each continues from where the previous one ended, so a target
+    that stays on one shape keeps playing across the block boundary."""
+    monkeypatch.setattr(mouths, "BLOCK", 16)
+    index = _index(np.arange(60), np.full(60, 0.1))
+    choice = choose_mouths(index, np.tile([0.1, 0.9, 0.3], (50, 1)))
+    assert np.array_equal(np.diff(choice), np.ones(49))  # plays forward, through blocks at 16, 32, 48
+    assert np.array_equal(choose_mouths(_index([], []), np.zeros((3, 3))), [-1, -1, -1])
+
+
+def test_a_long_clip_keeps_a_bounded_index_of_runs_with_its_widest_mouths():
+    rng = np.random.default_rng(0)
+    found = rng.random(20000) > 0.1
+    openings = rng.random(20000) * 0.2
+    openings[12345] = 0.35  # the one wide-open frame
+    found[12345] = True
+    kept = select_exemplars(found, openings)
+    assert len(kept) <= mouths.MAX_EXEMPLARS and found[kept].all()
+    assert np.all(np.diff(kept) > 0) and 12345 in kept
+    runs = kept.reshape(-1, mouths.RUN)  # runs of RUN consecutive frames with a face
+    assert np.array_equal(runs, np.flatnonzero(found)[np.searchsorted(np.flatnonzero(found), runs)])
+    assert kept.max() - kept.min() > 15000  # spread over the whole clip
+    short = np.ones(300, bool)
+    assert np.array_equal(select_exemplars(short, np.zeros(300)), np.arange(300))

@@ -113,7 +113,7 @@ def test_second_take_hits_the_tracking_cache_and_changed_pixels_miss_it(tmp_path
     video = write_face_clip(tmp_path / "shot.mp4", n_frames=6, size=(320, 240))
     first = redub(request(tmp_path, video, write_tone(tmp_path / "a.wav", 0.5), cache_dir))
     second = redub(request(tmp_path, video, write_tone(tmp_path / "b.wav", 0.3), cache_dir))
-    assert first.cache_hits == [] and second.cache_hits == ["track"]
+    assert first.cache_hits == [] and second.cache_hits == ["track", "mouths"]
     assert "track" not in second.stage_seconds or second.stage_seconds["track"] < first.stage_seconds["track"]
 
     # same file name, different pictures: the cache is keyed by content, never by name

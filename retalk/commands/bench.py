@@ -15,15 +15,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import soundfile
 
 from retalk import media
 from retalk.errors import InputError
 from retalk.pipeline import RedubRequest, redub
+from retalk.pipeline.mouths import LIPS, face_axes
 from retalk.pipeline.request import CODECS, ENGINES
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
 from retalk.shared import shared_dir
+from retalk.tracking import track_faces
 
 
 class NetworkCalls(NamedTuple):
@@ -128,6 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the reference's per-network timings; default: $RETALK_SHARED/reference/timing.json",
     )
     parser.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    parser.add_argument(
+        "--sheet", type=Path, help="write a PNG contact sheet of source and output mouths (second take)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -149,6 +155,42 @@ def _in_fresh_process(request: RedubRequest) -> dict:
         return pool.submit(_take, request).result()
 
 
+def write_mouth_sheet(source: Path, output: Path, start: int, sheet: Path, columns: int = 12) -> Path:
+    """A PNG of ``columns`` evenly spaced output frames of a --fit video re-dub (numbered): the source frame's
+    mouth in the upper row, the output frame's below, both cut at the box of the source's tracked mouth."""
+    n = media.probe(output).frame_count
+    picks = np.unique(np.linspace(0, n - 1, columns).round().astype(int))
+    pairs = [
+        (media.read_frames(source, start + i, start + i + 1)[0], media.read_frames(output, i, i + 1)[0])
+        for i in picks
+    ]
+    track = track_faces([src for src, _ in pairs], smooth=False)
+    side, top, left = 128, 24, 64
+    canvas = np.full((top + 2 * side, left + len(picks) * side, 3), 255, np.uint8)
+    for row, name in enumerate(("source", "output")):
+        cv2.putText(
+            canvas, name, (4, top + row * side + side // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0)
+        )
+    for k, (pair, lm, found) in enumerate(zip(pairs, track.landmarks, track.found, strict=True)):
+        x = left + k * side
+        cv2.putText(canvas, str(picks[k]), (x + 4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0))
+        if not found:
+            continue
+        scale = side / (1.5 * float(face_axes(lm)[2]))  # 1.5 eye distances across
+        centre = lm[LIPS].mean(0)
+        crop = np.float32(
+            [[scale, 0, side / 2 - scale * centre[0]], [0, scale, side / 2 - scale * centre[1]]]
+        )
+        for row, frame in enumerate(pair):
+            y = top + row * side
+            canvas[y : y + side, x : x + side] = cv2.warpAffine(
+                frame, crop, (side, side), flags=cv2.INTER_AREA
+            )
+    if not cv2.imwrite(str(sheet), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise InputError(f"--sheet {sheet}: could not write the PNG there")
+    return sheet
+
+
 def run_bench(
     video: Path,
     audio: Path,
@@ -160,9 +202,11 @@ def run_bench(
     start: int = 0,
     end: int | None = None,
     checkpoints: Path | None = None,
+    sheet: Path | None = None,
 ) -> dict:
     """First and second take of ``video`` re-dubbed with ``audio``, then a take ``long_seconds`` long (the
-    audio looped, the video looped to follow it with --fit audio), all with one cache folder."""
+    audio looped, the video looped to follow it with --fit audio), all with one cache folder; with
+    ``sheet``, a contact sheet of the second take's mouths (:func:`write_mouth_sheet`)."""
     request = RedubRequest(
         video=video,
         audio=audio,
@@ -176,6 +220,8 @@ def run_bench(
     )
     first = _in_fresh_process(request)
     second = _in_fresh_process(request)
+    if sheet is not None:
+        write_mouth_sheet(video, request.output, start, sheet)
     wav = media.read_audio(audio, sample_rate=16000)
     repeats = int(np.ceil(long_seconds * 16000 / max(len(wav), 1)))
     long_audio = folder / "long.wav"
@@ -243,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reference_timing is not None and not timing.is_file():
         raise InputError(f"--reference-timing {timing}: no such file")
     reference = reference_costs(timing)  # before the takes: a bad file fails in a second, not in minutes
+    if args.sheet is not None and (args.sheet.suffix.lower() != ".png" or not args.sheet.parent.is_dir()):
+        raise InputError(f"--sheet {args.sheet}: expected a .png file in an existing folder")
     with tempfile.TemporaryDirectory(prefix="retalk-bench-") as tmp:
         folder = Path(tmp)
         video, audio = args.video, args.audio
@@ -263,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
             start=args.start,
             end=args.end,
             checkpoints=args.checkpoints,
+            sheet=args.sheet,
         )
     results["reference"] = reference
     print(json.dumps(results) if args.json else format_report(results))

@@ -287,8 +287,9 @@ class NeuralEngine:
             hits.append("references")
         return hits
 
-    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> None:
+    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]:
         self._mel = mel_chunks_for_frames(melspectrogram(wav16k), rate, n_frames)
+        return []
 
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray

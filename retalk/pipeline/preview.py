@@ -2,10 +2,14 @@
 
 Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape);
 the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
-D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points,
-the inner mouth is shaded dark with a hint of upper teeth, and the result is feather-blended into the frame.
-Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower face is
-bit-identical to the source.
+D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
+and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
+:mod:`retalk.pipeline.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
+the skin around them and feather-blended. Where the clip never opens its mouth as wide as the target, the
+inner mouth is shaded dark with a hint of upper teeth instead (the synthesis the engine used before it had
+exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
+face is bit-identical to the source; a frame's pixels depend only on its source frame, the clip's mouth
+index and the audio, never on which frames were rendered before it.
 """
 
 from __future__ import annotations
@@ -18,17 +22,29 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
+from retalk.pipeline.mouths import (
+    CACHE_KIND,
+    INNER_LIP,
+    INNER_LOWER,
+    INNER_UPPER,
+    JAW,
+    LIPS,
+    NOSE_BASE,
+    OUTER_LIP,
+    Mouth,
+    MouthIndex,
+    choose_mouths,
+    face_axes,
+    inner_lip_gap,
+    mouth_index,
+    mouth_shapes,
+    patch_transform,
+)
+
 if TYPE_CHECKING:  # redub imports this module
     from collections.abc import Callable
 
     from retalk.pipeline.redub import SourceClip
-
-# dlib 68-point (iBUG) indices
-JAW = np.arange(0, 17)
-EYE_LEFT, EYE_RIGHT = np.arange(36, 42), np.arange(42, 48)
-NOSE_BASE = np.arange(31, 36)
-OUTER_LIP, INNER_LIP = np.arange(48, 60), np.arange(60, 68)
-INNER_UPPER, INNER_LOWER = np.array([61, 62, 63]), np.array([67, 66, 65])  # facing pairs
 
 
 def _per_point(weights: dict[int, float]) -> np.ndarray:
@@ -48,9 +64,17 @@ FOLLOW = _per_point(
 LIFT = _per_point({49: 0.06, 50: 0.1, 51: 0.1, 52: 0.1, 53: 0.06, 61: 0.12, 62: 0.12, 63: 0.12})
 
 MAX_OPEN = 0.30  # largest inner-lip gap, in eye distances (about 18 mm for a 62 mm eye distance)
+# The engine opens the mouth for the loudest sound as wide as the person does (MouthIndex.reach), at least this:
+MIN_REACH = 0.15
 MIN_GAP = 0.01  # inner-lip gap of a closed mouth, in eye distances
 MAX_WIDEN = 0.10  # largest change of mouth width, as a fraction of the mouth width
 RING_SCALE = 1.7  # fixed anchor ring: jaw points pushed out from the mouth centre by this factor
+MOUTH_RING = (1.3, 0.3)  # the exemplar's warp is anchored on the lips pushed out by this factor plus this
+# many eye distances; inside it, the blend covers the lips grown by MOUTH_MARGIN, feathered by MOUTH_FEATHER
+MOUTH_MARGIN, MOUTH_FEATHER = 0.08, 0.04  # eye distances
+# How far an exemplar's inner mouth may be stretched open: up to STRETCH times its own opening plus SLACK
+# eye distances; beyond that the synthesised cavity fades in over RAMP more.
+STRETCH, SLACK, RAMP = 1.3, 0.02, 0.03
 
 
 @dataclass(frozen=True)
@@ -111,23 +135,9 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     )
 
 
-def _face_axes(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Unit vectors across (left eye to right eye) and down the face, and the eye distance in pixels."""
-    across = lm[EYE_RIGHT].mean(0) - lm[EYE_LEFT].mean(0)
-    eye_distance = float(np.hypot(*across))
-    ux = across / max(eye_distance, 1e-6)
-    return ux, np.array([-ux[1], ux[0]]), eye_distance
-
-
-def inner_lip_gap(lm: np.ndarray) -> float:
-    """Mean distance between facing inner-lip points along the face's vertical axis (pixels, >= 0)."""
-    _, uy, _ = _face_axes(lm)
-    return float(max(((lm[INNER_LOWER] - lm[INNER_UPPER]) @ uy).mean(), 0.0))
-
-
 def pose_mouth(lm: np.ndarray, openness: float, width: float) -> np.ndarray:
     """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``."""
-    ux, uy, eye_distance = _face_axes(lm)
+    ux, uy, eye_distance = face_axes(lm)
     out = lm.astype(np.float64).copy()
     opening = openness * MAX_OPEN * eye_distance
     shift = opening - inner_lip_gap(lm)  # close what was open, then open to the new gap
@@ -189,11 +199,16 @@ def _displacement(dst: np.ndarray, src: np.ndarray, box: tuple[int, int, int, in
 
 
 def _shade_mouth(
-    roi: np.ndarray, inner: np.ndarray, lips: np.ndarray, gap: float, eye_distance: float
+    roi: np.ndarray,
+    inner: np.ndarray,
+    lips: np.ndarray,
+    gap: float,
+    eye_distance: float,
+    strength: float = 1.0,
 ) -> None:
     """Darken the open mouth (polygon ``inner`` in ROI pixels) with a soft edge and a band of upper teeth;
     the colours follow the lips (points ``lips``) so the shading matches the shot's light. A closed mouth
-    still gets its dark lip line."""
+    still gets its dark lip line. ``strength`` < 1 lays the shading only partly over what is there."""
     sigma = max(0.02 * eye_distance, 0.6)
     margin = int(3 * sigma) + 2
     bx0, by0 = np.maximum(np.floor(inner.min(0)).astype(int) - margin, 0)
@@ -210,7 +225,7 @@ def _shade_mouth(
     upper = inner[[0, 1, 2, 3, 4]]  # 60, 61, 62, 63, 64: the upper inner contour, corner to corner
     lowered = upper + np.array([0.0, 0.28 * gap])
     cv2.fillPoly(teeth, [np.round(np.r_[upper, lowered[::-1]] * 16).astype(np.int32)], 255, cv2.LINE_AA, 4)
-    alpha = cv2.GaussianBlur(mask, (0, 0), sigma).astype(np.float32)[..., None] / 255
+    alpha = cv2.GaussianBlur(mask, (0, 0), sigma).astype(np.float32)[..., None] * np.float32(strength / 255)
     teeth_alpha = cv2.GaussianBlur(np.minimum(teeth, mask), (0, 0), sigma).astype(np.float32)[..., None] / 255
     at = np.clip(np.round(lips).astype(int), 0, [roi.shape[1] - 1, roi.shape[0] - 1])
     tone = roi[at[:, 1], at[:, 0]].astype(np.float32).mean(0)
@@ -250,11 +265,68 @@ def _erase_old_mouth(
         patch[:] = cv2.inpaint(patch, erase, max(0.03 * eye_distance, 2.0), cv2.INPAINT_TELEA)
 
 
+def _paste_mouth(
+    roi: np.ndarray, origin: np.ndarray, lm: np.ndarray, posed: np.ndarray, mouth: Mouth, eye_distance: float
+) -> None:
+    """The exemplar ``mouth`` warped so that its lip points land on the posed ones, colour-matched to the skin
+    around the lips and feather-blended into ``roi`` (whose pixel (0, 0) is frame pixel ``origin``). The
+    exemplar is first placed by the current face's own alignment (``lm``), so only the lips need warping."""
+    frame_to_patch = patch_transform(lm)
+    patch_to_frame = cv2.invertAffineTransform(frame_to_patch)
+    lips = posed[LIPS] - origin
+    exemplar_lips = mouth.lips @ patch_to_frame[:, :2].T + patch_to_frame[:, 2] - origin
+    centre = lips[: len(OUTER_LIP)].mean(0)
+    out = lips[: len(OUTER_LIP)] - centre
+    push, extra = MOUTH_RING
+    ring = centre + push * out + extra * eye_distance * out / np.maximum(np.hypot(*out.T), 1e-6)[:, None]
+    x0, y0 = np.maximum(np.floor(ring.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(ring.max(0)).astype(int) + 1, roi.shape[1::-1])
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        return
+    # where each pixel of the box samples the exemplar: frame position (warp), then patch position
+    dx, dy = _displacement(np.r_[lips, ring], np.r_[exemplar_lips, ring], (x0, y0, x1, y1))
+    at_x = dx + np.arange(x0 + origin[0], x1 + origin[0], dtype=np.float32)
+    at_y = dy + np.arange(y0 + origin[1], y1 + origin[1], dtype=np.float32)[:, None]
+    (a, b, c), (d, e, f) = frame_to_patch.astype(np.float32)
+    sample = cv2.remap(
+        mouth.patch,
+        a * at_x + b * at_y + c,
+        d * at_x + e * at_y + f,
+        cv2.INTER_LINEAR,
+        None,
+        cv2.BORDER_REPLICATE,
+    ).astype(np.float32)
+    # blend mask: the outer lips grown by MOUTH_MARGIN, feathered; the skin part of it sets the colour
+    inside = np.zeros(sample.shape[:2], np.uint8)
+    contour = np.round((lips[: len(OUTER_LIP)] - [x0, y0]) * 16).astype(np.int32)
+    cv2.fillPoly(inside, [contour], 255, cv2.LINE_AA, 4)
+    grown = inside.copy()
+    cv2.polylines(
+        grown, [contour], True, 255, 2 * max(round(MOUTH_MARGIN * eye_distance), 1) + 1, cv2.LINE_AA, 4
+    )
+    alpha = cv2.GaussianBlur(grown, (0, 0), max(MOUTH_FEATHER * eye_distance, 0.8)).astype(np.float32) / 255
+    target = roi[y0:y1, x0:x1]
+    skin = (alpha > 0.05) & (inside == 0)
+    if skin.any():
+        gain = target[skin].mean(0) / np.maximum(sample[skin].mean(0), 1.0)
+        sample *= np.clip(gain, 0.75, 1.33).astype(np.float32)
+    mixed = target + alpha[..., None] * (sample - target)
+    np.copyto(target, np.clip(np.rint(mixed), 0, 255).astype(np.uint8), where=(alpha > 0)[..., None])
+
+
 def render_frame(
-    frame: np.ndarray, lm: np.ndarray, openness: float, width: float, out: np.ndarray | None = None
+    frame: np.ndarray,
+    lm: np.ndarray,
+    openness: float,
+    width: float,
+    out: np.ndarray | None = None,
+    mouth: Mouth | None = None,
+    synthesis: float = 0.0,
 ) -> np.ndarray:
-    """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself). Pixels the
-    warp does not move are the source's, bit for bit."""
+    """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
+    exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``;
+    without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
+    the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)
@@ -266,34 +338,52 @@ def render_frame(
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width_px), min(y1, height)
     if x1 - x0 < 4 or y1 - y0 < 4:
         return out
+    _, _, eye_distance = face_axes(lm)
+    origin = np.array([x0, y0])
+    roi = out[y0:y1, x0:x1]
     dx, dy = _displacement(dst, src, (x0, y0, x1, y1))
     active = dx * dx + dy * dy > 1e-6
-    if not active.any():
-        return out
-    map_x = dx + np.arange(x0, x1, dtype=np.float32)
-    map_y = dy + np.arange(y0, y1, dtype=np.float32)[:, None]
-    warped = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    _, _, eye_distance = _face_axes(lm)
-    origin = np.array([x0, y0])
-    _erase_old_mouth(
-        warped,
-        lm[INNER_LIP] - origin,
-        posed[INNER_LIP] - origin,
-        map_x - np.float32(x0),
-        map_y - np.float32(y0),
-        eye_distance,
-    )
-    _shade_mouth(
-        warped, posed[INNER_LIP] - origin, posed[OUTER_LIP] - origin, inner_lip_gap(posed), eye_distance
-    )
-    # feather: full effect where the face moves, fading to the source towards the fixed ring
-    sigma = max(0.03 * eye_distance, 1.0)
-    alpha = cv2.GaussianBlur(active.astype(np.float32), (0, 0), sigma)[..., None]
-    roi = out[y0:y1, x0:x1]
-    source = frame[y0:y1, x0:x1]
-    mixed = np.clip(np.rint(source + alpha * (warped.astype(np.float32) - source)), 0, 255).astype(np.uint8)
-    np.copyto(roi, mixed, where=active[..., None])
+    if active.any():
+        map_x = dx + np.arange(x0, x1, dtype=np.float32)
+        map_y = dy + np.arange(y0, y1, dtype=np.float32)[:, None]
+        warped = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if mouth is None:
+            _erase_old_mouth(
+                warped,
+                lm[INNER_LIP] - origin,
+                posed[INNER_LIP] - origin,
+                map_x - np.float32(x0),
+                map_y - np.float32(y0),
+                eye_distance,
+            )
+        # feather: full effect where the face moves, fading to the source towards the fixed ring
+        sigma = max(0.03 * eye_distance, 1.0)
+        alpha = cv2.GaussianBlur(active.astype(np.float32), (0, 0), sigma)[..., None]
+        source = frame[y0:y1, x0:x1]
+        mixed = np.clip(np.rint(source + alpha * (warped.astype(np.float32) - source)), 0, 255)
+        np.copyto(roi, mixed.astype(np.uint8), where=active[..., None])
+    if mouth is not None:
+        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance)
+    if mouth is None or synthesis > 0:
+        _shade_mouth(
+            roi,
+            posed[INNER_LIP] - origin,
+            posed[OUTER_LIP] - origin,
+            inner_lip_gap(posed),
+            eye_distance,
+            1.0 if mouth is None else synthesis,
+        )
     return out
+
+
+@dataclass(frozen=True)
+class MouthPlan:
+    """What the engine shows in each output frame, decided once for the whole output in ``listen``."""
+
+    drive: MouthDrive  # the mouth parameters, opening scaled to the person's own reach
+    targets: np.ndarray  # (n, 3) the mouth_shapes the drive asks for
+    exemplar: np.ndarray  # (n,) row of the clip's MouthIndex shown
+    synthesis: np.ndarray  # (n,) weight of the synthesised cavity over the exemplar's inner mouth, 0..1
 
 
 class PreviewEngine:
@@ -302,26 +392,64 @@ class PreviewEngine:
     name = "preview"
 
     def __init__(self) -> None:
-        self._drive: MouthDrive | None = None
-        self._clip: SourceClip | None = None
+        self.clip: SourceClip | None = None
+        self.index: MouthIndex | None = None
+        self.plan: MouthPlan | None = None
 
     def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]:
-        """No video-only work beyond the tracking: the preview warps the tracked landmarks as they are."""
-        self._clip = clip
-        return []
+        """The clip's mouth index (video only: from the cache when these frames were indexed before)."""
+        self.clip = clip
+        self.index, hit = mouth_index(clip, report)
+        return [CACHE_KIND] if hit else []
 
-    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> None:
-        self._drive = mouth_drive(wav16k, rate, n_frames)
+    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]:
+        """The plan of every output frame (mouth parameters from the audio, the exemplar shown, how far its
+        inner mouth is synthesised); returns a warning saying how often that synthesis was needed."""
+        if self.index is None:
+            raise RuntimeError("PreviewEngine.prepare() must run before listen()")
+        index = self.index
+        drive = mouth_drive(wav16k, rate, n_frames)
+        # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
+        reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
+        drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        targets = np.array(
+            [
+                mouth_shapes(pose_mouth(index.rest, o, w))
+                for o, w in zip(drive.openness, drive.width, strict=True)
+            ]
+        ).reshape(-1, 3)
+        exemplar = choose_mouths(index, targets)
+        synthesis = np.zeros(n_frames)
+        if len(index):  # else no frame has a face: nothing will be rendered
+            stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
+            synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
+        self.plan = MouthPlan(drive, targets, exemplar, synthesis)
+        synthesised = int(np.count_nonzero(synthesis))
+        if not synthesised:
+            return []
+        return [
+            f"exemplar mouths: the clip's own mouth never opens as wide as {synthesised} of {n_frames} output "
+            f"frames ({synthesised / n_frames:.0%}) need; their inner mouth is partly synthesised"
+        ]
 
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
     ) -> np.ndarray:
-        """Clip frames ``source_index`` re-animated as output frames ``output_index``; faceless ones unchanged."""
-        if self._drive is None or self._clip is None:
+        """Clip frames ``source_index`` re-animated as output frames ``output_index``; faceless ones unchanged.
+        Each frame is rendered from its own source frame and plan entry alone."""
+        if self.plan is None or self.clip is None or self.index is None:
             raise RuntimeError("PreviewEngine.prepare() and listen() must run before render_chunk()")
-        track, drive = self._clip.track, self._drive
+        track, plan = self.clip.track, self.plan
         out = frames.copy()
-        for k, (s, i) in enumerate(zip(source_index - self._clip.start, output_index, strict=True)):
+        for k, (s, i) in enumerate(zip(source_index - self.clip.start, output_index, strict=True)):
             if track.found[s]:
-                render_frame(frames[k], track.landmarks[s], drive.openness[i], drive.width[i], out=out[k])
+                render_frame(
+                    frames[k],
+                    track.landmarks[s],
+                    plan.drive.openness[i],
+                    plan.drive.width[i],
+                    out=out[k],
+                    mouth=self.index.mouth(plan.exemplar[i]),
+                    synthesis=plan.synthesis[i],
+                )
         return out

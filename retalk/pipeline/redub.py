@@ -63,15 +63,16 @@ class Engine(Protocol):
     """A renderer. ``prepare`` does the video-only work (and may cache it in ``clip.cache`` under
     ``clip.content_key``; it returns the names of its cache hits), calling ``report(stage, done, total)`` as it
     goes (which raises CancelledError when the job is cancelled), ``listen`` the audio-only work (the new
-    audio at 16 kHz, exactly as long as the output), ``render_chunk`` the rest: ``frames`` (n, H, W, 3) uint8
-    RGB are clip frames ``source_index`` shown as output frames ``output_index``; it returns new frames.
-    Frames without a face are put back untouched by the pipeline whatever the engine returns for them."""
+    audio at 16 kHz, exactly as long as the output; it may return warnings for the job report),
+    ``render_chunk`` the rest: ``frames`` (n, H, W, 3) uint8 RGB are clip frames ``source_index`` shown as
+    output frames ``output_index``; it returns new frames. Frames without a face are put back untouched by
+    the pipeline whatever the engine returns for them."""
 
     name: str
 
     def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]: ...
 
-    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> None: ...
+    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]: ...
 
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
@@ -400,7 +401,7 @@ def prepare(
     with stages.timed("prepare"):
         clip = SourceClip(request.video, info, start, end, content_key, track, cache, request.device)
         cache_hits += engine.prepare(clip, stages.emit)
-        engine.listen(wav16k, info.rate, n_out)
+        warnings += engine.listen(wav16k, info.rate, n_out)
 
     return PreparedRedub(request, clip, timeline, engine, wav_out, warnings, cache_hits, stages)
 
