@@ -20,6 +20,7 @@ import numpy as np
 import soundfile
 
 from retalk import media
+from retalk.commands import add_command
 from retalk.errors import InputError
 from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline.mouths import LIPS, face_axes
@@ -112,9 +113,7 @@ def reference_costs(timing_path: Path) -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench", help="time each stage and measure peak memory (short vs long clip)"
-    )
+    parser = add_command(subparsers, "bench")
     parser.add_argument("--video", type=Path, help="default: a 5 s sample shot made on the spot")
     parser.add_argument("--audio", type=Path, help="default: a sample line of speech")
     parser.add_argument("--start", type=int, default=0, help="first frame of the video range")

@@ -8,15 +8,14 @@ import tempfile
 from pathlib import Path
 
 from retalk import media
+from retalk.commands import add_command
 from retalk.commands.redub import add_render_options, request_from_args, run_request
 from retalk.errors import InputError
 from retalk.pipeline.sample import SAMPLE_TEXT, write_sample_clip, write_sample_speech
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="re-dub a sample clip that retalk makes itself (no files needed)"
-    )
+    parser = add_command(subparsers, "demo")
     parser.add_argument("-o", "--output", type=Path, default=Path("retalk-demo.mp4"))
     parser.add_argument("--text", default=SAMPLE_TEXT, help="what the sample voice says (espeak-ng)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the sample shot (it loops)")

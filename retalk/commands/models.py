@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from retalk import registry
+from retalk.commands import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,9 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"checkpoints folder (searched first; also ${registry.ENV_VAR})",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    parser = subparsers.add_parser(
-        "models", help="list, verify, download or synthesise the official checkpoints"
-    )
+    parser = add_command(subparsers, "models")
     actions = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     actions.add_parser(

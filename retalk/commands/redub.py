@@ -9,6 +9,7 @@ from pathlib import Path
 
 from retalk_protocol import options as job_options
 
+from retalk.commands import add_command
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 from retalk.pipeline import RedubRequest, redub
@@ -40,9 +41,7 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "redub", help="re-dub a range of a video with a new line of audio", epilog=EXIT_STATUS
-    )
+    parser = add_command(subparsers, "redub", epilog=EXIT_STATUS)
     parser.add_argument("--video", type=Path, required=True)
     parser.add_argument("--audio", type=Path, required=True)
     parser.add_argument("-o", "--output", type=Path, required=True)

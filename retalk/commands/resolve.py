@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from retalk.commands import add_command
 from retalk.errors import InputError, RetalkError
 from retalk.resolve_bridge import DEFAULT_SERVER, Settings
 
@@ -27,9 +28,7 @@ LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    resolve = subparsers.add_parser(
-        "resolve", help="install the DaVinci Resolve menu entry (Workspace > Scripts > Edit)"
-    )
+    resolve = add_command(subparsers, "resolve")
     actions = resolve.add_subparsers(dest="action", required=True, metavar="ACTION")
     install = actions.add_parser("install", help="put the entry into Resolve's per-user Scripts/Edit folder")
     install.add_argument("--server", default=DEFAULT_SERVER, help="the retalk server the entry submits to")

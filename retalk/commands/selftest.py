@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from retalk.commands import add_command
 from retalk.device import PRECISIONS
 
 # Filling and loading the synthetic weights dominates the time: the compact set (1.8 GB of weights) took 241 s
@@ -15,9 +16,7 @@ SECONDS_PER_GB = 140
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "selftest", help="check every network against the golden outputs (synthetic weights)"
-    )
+    parser = add_command(subparsers, "selftest")
     parser.add_argument(
         "--golden",
         type=Path,

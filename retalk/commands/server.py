@@ -17,6 +17,7 @@ from pathlib import Path
 
 from retalk_protocol import options as job_options
 
+from retalk.commands import add_command
 from retalk.device import PRECISIONS
 from retalk.errors import InputError, RetalkError
 
@@ -25,9 +26,7 @@ _AGE_UNITS = ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser(
-        "serve", help="run the render server (binds 127.0.0.1 unless CURVE is set up)"
-    )
+    serve = add_command(subparsers, "serve")
     serve.add_argument("--bind", default=DEFAULT_SERVER, help="tcp://HOST:PORT (port 0: any) or ipc://PATH")
     serve.add_argument(
         "--media-root", type=Path, action="append", default=[], help="folder clients may read (repeatable)"
@@ -82,18 +81,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.set_defaults(func=run_serve)
 
-    keys = subparsers.add_parser("keys", help="make a CURVE key pair for the server or a client")
+    keys = add_command(subparsers, "keys")
     keys.add_argument("folder", type=Path)
     keys.add_argument("--name", default="client", help="file stem: NAME.key (public), NAME.key_secret")
     keys.set_defaults(func=run_keys)
 
-    status = subparsers.add_parser("status", help="the server's workers and recent jobs, or one job")
+    status = add_command(subparsers, "status")
     _add_client_options(status)
     status.add_argument("job", nargs="?", help="show this job only")
     status.add_argument("--limit", type=int, default=20, help="recent jobs listed (default 20)")
     status.set_defaults(func=run_status)
 
-    submit = subparsers.add_parser("submit", help="queue a re-dub on the server; prints the job id")
+    submit = add_command(subparsers, "submit")
     _add_client_options(submit)
     submit.add_argument("--video", required=True, help="a path inside the server's media roots (or --upload)")
     submit.add_argument("--audio", required=True)
@@ -107,17 +106,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--wait", action="store_true", help="watch the job until it ends")
     submit.set_defaults(func=run_submit)
 
-    watch = subparsers.add_parser("watch", help="follow a job until it ends")
+    watch = add_command(subparsers, "watch")
     _add_client_options(watch)
     watch.add_argument("job")
     watch.set_defaults(func=run_watch)
 
-    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")
+    cancel = add_command(subparsers, "cancel")
     _add_client_options(cancel)
     cancel.add_argument("job")
     cancel.set_defaults(func=run_cancel)
 
-    fetch = subparsers.add_parser("fetch", help="download a finished job's file")
+    fetch = add_command(subparsers, "fetch")
     _add_client_options(fetch)
     fetch.add_argument("job")
     fetch.add_argument("-o", "--output", type=Path, required=True)
