@@ -11,8 +11,9 @@ list them in the manifest's ``wheels`` and ``platforms``, and zip it all.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,34 +56,32 @@ def pinned_requirements() -> list[str]:
 
 
 def build_protocol_wheel(wheels: Path) -> Path:
-    """A pure-Python retalk_protocol wheel made from protocol/ (setuptools, no network)."""
+    """A pure-Python retalk_protocol wheel of protocol/, written directly in the wheel format (PEP 427): no
+    build backend, so it works in any venv (a fresh 3.11 venv's setuptools is too old to build one offline)."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp)
-        package = source / "retalk_protocol"
-        shutil.copytree(ROOT / "protocol", package, ignore=shutil.ignore_patterns("__pycache__"))
-        (source / "pyproject.toml").write_text(
-            "[build-system]\nrequires = ['setuptools>=68']\nbuild-backend = 'setuptools.build_meta'\n"
-            f"[project]\nname = 'retalk-protocol'\nversion = '{version}'\nrequires-python = '>=3.8'\n"
-            "[tool.setuptools]\npackages = ['retalk_protocol']\n"
-            "[tool.setuptools.package-data]\nretalk_protocol = ['PROTOCOL.md']\n"
-        )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "-q",
-                "--no-deps",
-                "--no-build-isolation",
-                "-w",
-                str(wheels),
-                tmp,
-            ],
-            check=True,
-        )
-    return next(wheels.glob("retalk_protocol-*.whl"))
+    dist_info = f"retalk_protocol-{version}.dist-info"
+    files = {
+        f"retalk_protocol/{path.relative_to(ROOT / 'protocol').as_posix()}": path.read_bytes()
+        for path in sorted((ROOT / "protocol").rglob("*"))
+        if path.is_file() and path.suffix in (".py", ".md") and "__pycache__" not in path.parts
+    }
+    files[f"{dist_info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: retalk-protocol\nVersion: {version}\nRequires-Python: >=3.8\n"
+    ).encode()
+    files[f"{dist_info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: retalk build_blender_extension\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    record = [f"{name},sha256={_digest(data)},{len(data)}" for name, data in files.items()]
+    files[f"{dist_info}/RECORD"] = ("\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n").encode()
+    wheel = wheels / f"retalk_protocol-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return wheel
+
+
+def _digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def download_wheels(wheels: Path, pythons: list[str], platforms: list[str]) -> None:
