@@ -27,7 +27,7 @@ from retalk.pipeline.mouths import LIPS, face_axes
 from retalk.pipeline.request import CODECS, ENGINES
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
 from retalk.shared import shared_dir
-from retalk.tracking import track_faces
+from retalk.tracking import Tracker, track_faces
 
 
 class NetworkCalls(NamedTuple):
@@ -163,7 +163,8 @@ def write_mouth_sheet(source: Path, output: Path, start: int, sheet: Path, colum
         (media.read_frames(source, start + i, start + i + 1)[0], media.read_frames(output, i, i + 1)[0])
         for i in picks
     ]
-    track = track_faces([src for src, _ in pairs], smooth=False)
+    # frames far apart: each detected on its own, nothing smoothed across them
+    track = track_faces([src for src, _ in pairs], tracker=Tracker(key_interval=None, smooth_window=None))
     side, top, left = 128, 24, 64
     canvas = np.full((top + 2 * side, left + len(picks) * side, 3), 255, np.uint8)
     for row, name in enumerate(("source", "output")):
