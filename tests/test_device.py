@@ -13,10 +13,10 @@ from torch import nn
 
 from retalk import selftest
 from retalk.device import CPU_BATCH_MB, autocast, batch_size, channels_last, check_precision
+from retalk.engines import neural_steps as steps
+from retalk.engines.neural import NeuralEngine
 from retalk.errors import InputError
 from retalk.pipeline import RedubRequest
-from retalk.pipeline import neural_stages as stages
-from retalk.pipeline.neural import NeuralEngine
 
 CPU = torch.device("cpu")
 
@@ -70,7 +70,7 @@ def test_stages_under_bf16_return_fp32_numpy(tmp_path):
     lm = np.random.default_rng(1).uniform(60, 200, (2, 68, 2))
     lm[:, 36:48] = [[100, 100]] * 6 + [[160, 100]] * 6  # eyes apart, so the alignment is well posed
     with torch.inference_mode(), autocast(CPU, "bf16"):
-        rows = stages.face3d_rows(lambda x: conv(x).flatten(1), crops, lm, CPU)
+        rows = steps.face3d_rows(lambda x: conv(x).flatten(1), crops, lm, CPU)
     assert rows.dtype == np.float32 and rows.shape == (2, 262) and np.isfinite(rows).all()
 
 

@@ -1,4 +1,4 @@
-"""The neural engine's face geometry (retalk.pipeline.geometry): the reference's box rule, the crop mapping, the
+"""The neural engine's face geometry (retalk.engines.geometry): the reference's box rule, the crop mapping, the
 five points, validation of injected geometry and filling from a face track. The rules against the recorded
 reference run are in test_parity.py."""
 
@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retalk.errors import InputError
-from retalk.pipeline.geometry import (
+from retalk.engines.geometry import (
     FaceGeometry,
     detector_points,
     enet_boxes,
@@ -16,6 +15,7 @@ from retalk.pipeline.geometry import (
     smooth_boxes,
     to_crop,
 )
+from retalk.errors import InputError
 from retalk.tracking import FaceTrack
 
 

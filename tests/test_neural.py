@@ -17,11 +17,11 @@ import torch
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
+from retalk.engines import neural_steps as steps
+from retalk.engines.geometry import FaceGeometry, nearest_found
+from retalk.engines.neural import render_faces
 from retalk.errors import CancelledError
 from retalk.pipeline import RedubRequest, RedubResult, redub
-from retalk.pipeline import neural_stages as stages
-from retalk.pipeline.geometry import FaceGeometry, nearest_found
-from retalk.pipeline.neural import render_faces
 from retalk.registry import synth
 from retalk.tracking import FaceTrack, track_faces
 
@@ -43,8 +43,8 @@ def test_lip_sync_keeps_rgb_and_feeds_enet_bgr_with_the_lower_half_masked():
         calls.append((img_batch, noise))
         return reference, None  # a stand-in that returns its reference unchanged
 
-    noise = stages.per_frame_noise([1, 2], stages.enet_noise_shapes(), CPU)
-    out = stages.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, noise, CPU)
+    noise = steps.per_frame_noise([1, 2], steps.enet_noise_shapes(), CPU)
+    out = steps.lip_sync(enet, np.zeros((2, 80, 16)), faces, refs, noise, CPU)
     np.testing.assert_array_equal(out, refs)  # RGB in, E-Net's BGR world, RGB out
     img = torch.cat([img_batch for img_batch, _ in calls])  # the frames may come in several batches
     masked = (img[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -58,8 +58,8 @@ def test_lip_sync_keeps_rgb_and_feeds_enet_bgr_with_the_lower_half_masked():
 
 def test_per_frame_noise_does_not_depend_on_batch_mates():
     shapes = [(4, 4), (8, 8)]
-    alone = stages.per_frame_noise([7], shapes, CPU)
-    together = stages.per_frame_noise([3, 7], shapes, CPU)
+    alone = steps.per_frame_noise([7], shapes, CPU)
+    together = steps.per_frame_noise([3, 7], shapes, CPU)
     for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a[0], b[1], rtol=0, atol=0)
         assert not torch.equal(b[0], b[1])
@@ -89,11 +89,11 @@ def test_restored_face_pastes_back_where_it_was_taken(face_frame):
     track = track_faces([frame])
     assert track.found[0]
     geometry = FaceGeometry.from_track(track, width, height)
-    crops, matrices = stages.gfpgan_align(frame[None], geometry.restore_points)
+    crops, matrices = steps.gfpgan_align(frame[None], geometry.restore_points)
     box = geometry.enet_boxes[0]
-    area = stages.face_area(box, width, height)
-    back = stages.paste_back_restored(np.zeros_like(frame), crops[0], matrices[0], area)
-    region = stages.cut(frame, area.box)
+    area = steps.face_area(box, width, height)
+    back = steps.paste_back_restored(np.zeros_like(frame), crops[0], matrices[0], area)
+    region = steps.cut(frame, area.box)
     x1, y1, x2, y2 = area.local(box)
     qw, qh = (x2 - x1) // 4, (y2 - y1) // 4  # the central half of the box, well inside the soft mask
     inner = (slice(y1 + qh, y2 - qh), slice(x1 + qw, x2 - qw))
@@ -106,14 +106,14 @@ def test_paste_back_in_an_area_is_the_whole_frame_paste_back(face_frame):
     frame = face_frame
     height, width = frame.shape[:2]
     geometry = FaceGeometry.from_track(track_faces([frame]), width, height)
-    crops, matrices = stages.gfpgan_align(frame[None], geometry.restore_points)
+    crops, matrices = steps.gfpgan_align(frame[None], geometry.restore_points)
     restored = 255 - crops[0]
-    area = stages.face_area(geometry.enet_boxes[0], width, height)
-    whole = stages.paste_back_restored(
-        frame, restored, matrices[0], stages.BlendArea((0, 0, width, height), (1, 1))
+    area = steps.face_area(geometry.enet_boxes[0], width, height)
+    whole = steps.paste_back_restored(
+        frame, restored, matrices[0], steps.BlendArea((0, 0, width, height), (1, 1))
     )
-    local = stages.paste_back_restored(frame, restored, matrices[0], area)
-    error = np.abs(local.astype(int) - stages.cut(whole, area.box).astype(int))
+    local = steps.paste_back_restored(frame, restored, matrices[0], area)
+    error = np.abs(local.astype(int) - steps.cut(whole, area.box).astype(int))
     assert error.max() <= 1 and (error > 0).mean() < 1e-3  # warps shifted by whole pixels round alike
 
 
@@ -122,12 +122,12 @@ def test_reference_crop_is_the_frame_outside_the_head_quad():
     frame[52:308, 112:368] = face_image()
     geometry = FaceGeometry.from_track(track_faces([frame]), 480, 360)
     white = np.full((1, 256, 256, 3), 255, np.uint8)
-    ref = stages.reference_crops(
+    ref = steps.reference_crops(
         frame[None], geometry.crop_boxes, white, geometry.stit_quads, geometry.enet_boxes
     )[0]
     assert ref.shape == (384, 384, 3)
     np.testing.assert_array_equal(ref[192, 192], [255, 255, 255])  # the face centre is the pasted face
-    original = stages.crop_resized(frame, geometry.enet_boxes[0], 384)
+    original = steps.crop_resized(frame, geometry.enet_boxes[0], 384)
     assert (ref == original).all(axis=2).mean() < 0.5  # most of the E-Net box lies inside the quad
 
 
@@ -140,7 +140,7 @@ def test_upper_face_edit_keeps_the_synthesised_lower_half():
         assert source.shape == (2, 3, 128, 128) and aus.shape == (2, 17)
         return torch.zeros_like(source), torch.ones_like(source[:, :1]), None
 
-    out = stages.edit_upper_face(keep_input, faces, pred, torch.zeros(1, 17), CPU)
+    out = steps.edit_upper_face(keep_input, faces, pred, torch.zeros(1, 17), CPU)
     np.testing.assert_array_equal(out[:, 192:], pred[:, 192:])
     down_up = [cv2.resize(cv2.resize(f, (128, 128)), (384, 384)) for f in faces]  # bilinear 384 -> 128 -> 384
     error = np.abs(out[:, :192].astype(int) - np.stack(down_up)[:, :192].astype(int))
@@ -201,7 +201,7 @@ def test_final_parse_crop_is_the_whole_frame_crop(tile_landmarks, size, place):
     frame[y0 : y0 + 256, x0 : x0 + 256] = face_image()
     lm = tile_landmarks + [x0, y0]
     geometry = FaceGeometry.from_landmarks(lm[None], np.r_[lm.min(0), lm.max(0)][None], [True], width, height)
-    area = stages.face_area(geometry.enet_boxes[0], width, height)
+    area = steps.face_area(geometry.enet_boxes[0], width, height)
     enet, gfpgan, parsenet, parsed = _stand_in_networks()
     traced = {}
     render_faces(
@@ -213,7 +213,7 @@ def test_final_parse_crop_is_the_whole_frame_crop(tile_landmarks, size, place):
     whole = frame.copy()
     x1, y1, x2, y2 = area.box
     whole[y1:y2, x1:x2] = traced["pp"][0]
-    expected, _ = stages.gpen_align(whole[None], geometry.paste_points)
+    expected, _ = steps.gpen_align(whole[None], geometry.paste_points)
     np.testing.assert_array_equal(crop, expected[0])
     assert not (area.size[0] >= 512 and area.size[1] >= 512)  # the area alone could not fill the crop
 
@@ -368,7 +368,7 @@ def test_second_take_fits_shorter_audio_from_the_prepared_video(clip, checkpoint
         raise AssertionError("a video-only stage ran although its output was cached")
 
     for stage in ("face3d_rows", "stabilize", "enhance_references"):
-        monkeypatch.setattr(stages, stage, refuse)
+        monkeypatch.setattr(steps, stage, refuse)
     n_frames = len(clip.frames) - 1
     audio = _noise_wav(clip.folder / "line2.wav", (n_frames - Fraction(1, 2)) / clip.rate)
     result = redub(_request(clip, checkpoints, audio, "take2.mkv", seed=3, fit="audio"))

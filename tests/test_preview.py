@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from mediagen import face_image
 
-from retalk.pipeline import mouths
-from retalk.pipeline.mouths import MouthIndex, choose_mouths, inner_lip_gap, select_exemplars
-from retalk.pipeline.preview import mouth_drive, pose_mouth, render_frame
+from retalk.engines import mouths
+from retalk.engines.mouths import MouthIndex, choose_mouths, inner_lip_gap, select_exemplars
+from retalk.engines.preview import mouth_drive, pose_mouth, render_frame
 from retalk.tracking import track_faces
 
 SR = 16000

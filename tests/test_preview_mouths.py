@@ -15,11 +15,11 @@ import pytest
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
-from retalk.pipeline import RedubRequest, mouths, redub
-from retalk.pipeline.cache import ArtifactCache
-from retalk.pipeline.mouths import INNER_LIP, face_axes, inner_lip_gap
-from retalk.pipeline.preview import PreviewEngine, mouth_drive, pose_mouth, render_frame
-from retalk.pipeline.redub import SourceClip
+from retalk.cache import ArtifactCache
+from retalk.engines import SourceClip, mouths
+from retalk.engines.mouths import INNER_LIP, face_axes, inner_lip_gap
+from retalk.engines.preview import PreviewEngine, mouth_drive, pose_mouth, render_frame
+from retalk.pipeline import RedubRequest, redub
 from retalk.tracking import DlibDetector, DlibLandmarks, Tracker, track_faces
 
 SR = 16000

@@ -13,9 +13,9 @@ import soundfile
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
+from retalk.cache import ArtifactCache, cache_key
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline import ProgressEvent, RedubRequest, redub
-from retalk.pipeline.cache import ArtifactCache, cache_key
 from retalk.tracking import track_faces
 
 OUT_SR = 48000  # the sample rate redub writes

@@ -683,7 +683,7 @@ def test_the_detector_option_reaches_the_request_and_is_checked(tmp_path, checkp
 
 
 def test_the_track_cache_is_keyed_by_the_trackers_identity(tmp_path):
-    from retalk.pipeline.cache import ArtifactCache
+    from retalk.cache import ArtifactCache
     from retalk.pipeline.redub import _Stages, _track
 
     video = write_face_clip(

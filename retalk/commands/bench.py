@@ -21,9 +21,9 @@ import soundfile
 
 from retalk import media
 from retalk.commands import add_command
+from retalk.engines.mouths import LIPS, face_axes
 from retalk.errors import InputError
 from retalk.pipeline import RedubRequest, redub
-from retalk.pipeline.mouths import LIPS, face_axes
 from retalk.pipeline.request import CODECS, ENGINES
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
 from retalk.shared import shared_dir

@@ -1,6 +1,6 @@
-"""The re-dub pipeline: requests, the stages that serve them, and the engines that render."""
+"""The re-dub pipeline: requests and the stages that serve them (the engines that render are ``retalk.engines``)."""
 
-from retalk.pipeline.redub import Engine, redub
+from retalk.pipeline.redub import redub
 from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
 
-__all__ = ["Engine", "ProgressEvent", "RedubRequest", "RedubResult", "redub"]
+__all__ = ["ProgressEvent", "RedubRequest", "RedubResult", "redub"]

@@ -12,18 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 import retalk
 from retalk import media
+from retalk.cache import ArtifactCache, FrameHasher, cache_key
+from retalk.engines import Engine, SourceClip
+from retalk.engines.preview import PreviewEngine
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
-from retalk.pipeline.cache import ArtifactCache, FrameHasher, cache_key
-from retalk.pipeline.preview import PreviewEngine
 from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
 from retalk.pipeline.timing import Timeline, fit_audio, plan_timeline, samples_for_frames
 from retalk.registry import find_checkpoint, is_synthetic, missing_checkpoints
@@ -43,46 +43,13 @@ OUTPUT_AUDIO_RATE = 48000  # what the output file carries
 CHUNK_FRAMES = 16
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this everywhere, the audio is treated as silent
 TRACK_CACHE = "tracks"
-
-
-@dataclass
-class SourceClip:
-    """The video side of a job, as engines see it in ``prepare`` (everything here depends on the video only)."""
-
-    path: Path
-    info: media.VideoInfo
-    start: int
-    end: int
-    content_key: str  # sha256 of the decoded frames [start, end)
-    track: FaceTrack  # of frames [start, end): row k is frame start + k
-    cache: ArtifactCache | None
-    device: str  # the request's auto|cpu|cuda[:N]: engines that use torch resolve it (retalk.device)
-
-
-class Engine(Protocol):
-    """A renderer. ``prepare`` does the video-only work (and may cache it in ``clip.cache`` under
-    ``clip.content_key``; it returns the names of its cache hits), calling ``report(stage, done, total)`` as it
-    goes (which raises CancelledError when the job is cancelled), ``listen`` the audio-only work (the new
-    audio at 16 kHz, exactly as long as the output; it may return warnings for the job report),
-    ``render_chunk`` the rest: ``frames`` (n, H, W, 3) uint8 RGB are clip frames ``source_index`` shown as
-    output frames ``output_index``; it returns new frames. Frames without a face are put back untouched by
-    the pipeline whatever the engine returns for them."""
-
-    name: str
-
-    def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]: ...
-
-    def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]: ...
-
-    def render_chunk(
-        self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
-    ) -> np.ndarray: ...
+REQUEST_DEFAULTS = {field.name: field.default for field in fields(RedubRequest)}
 
 
 def _neural_engine(request: RedubRequest) -> Engine:
     """The neural engine, imported only when chosen: it brings torch and the networks, which the preview
     engine never needs."""
-    from retalk.pipeline.neural import NeuralEngine
+    from retalk.engines.neural import NeuralEngine
 
     return NeuralEngine(request)
 
@@ -357,16 +324,11 @@ def prepare(
         warnings += engine_warnings
         tracker, tracker_warnings = choose_tracker(request, engine.name)
         warnings += tracker_warnings
-        if engine.name == "preview":
-            warnings += [
-                f"--{name} {value} has no effect with the preview engine"
-                for name, value in (
-                    ("expression", request.expression),
-                    ("upper-face", request.upper_face),
-                    ("precision", request.precision),
-                )
-                if value not in ("neutral", "none", "fp32")
-            ]
+        warnings += [
+            f"--{name.replace('_', '-')} {getattr(request, name)} has no effect with the {engine.name} engine"
+            for name in engine.ignores
+            if getattr(request, name) != REQUEST_DEFAULTS[name]
+        ]
         stages.emit("check", 1, 1)
 
     # 2. plan the output timeline: frame map and sample-exact audio lengths

@@ -9,7 +9,7 @@ Two passes, with networks filled by the same weight rule:
 
 - **per stage**: each stage is fed the recorded output of the stage before, so a difference is pinned to one
   stage: every network input retalk builds, every network output, every image, mask and piece of geometry;
-- **chained**: the engine's own compositions (``retalk.pipeline.neural``) end to end from the frames, the audio,
+- **chained**: the engine's own compositions (``retalk.engines.neural``) end to end from the frames, the audio,
   the geometry and the noise; network inputs, outputs and the frames within the looser chained bounds.
 
 The engine differs from the reference on purpose in a few places (docs/DESIGN.md); :data:`BRIDGES` names each one
@@ -53,6 +53,9 @@ from retalk.align import (
     quad_from_landmarks,
 )
 from retalk.audio import mel_chunks, melspectrogram
+from retalk.engines import neural
+from retalk.engines import neural_steps as steps
+from retalk.engines.geometry import FaceGeometry, enet_boxes
 from retalk.errors import InputError
 from retalk.models.dnet import load_dnet
 from retalk.models.enet import load_enet
@@ -60,9 +63,6 @@ from retalk.models.face3d import load_face3d
 from retalk.models.gfpgan import load_gfpgan
 from retalk.models.gpen import load_gpen
 from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS, load_parsenet
-from retalk.pipeline import neural
-from retalk.pipeline import neural_stages as stages
-from retalk.pipeline.geometry import FaceGeometry, enet_boxes
 from retalk.registry import synth
 from retalk.synthetic import noise_tensor, tensor_sha256
 
@@ -590,19 +590,19 @@ class _Check:
             np.stack([cv2.invertAffineTransform(m) for m in affine]),
             GEOMETRY,
         )
-        crops = np.stack([stages.crop_resized(f, region, stages.CROP_SIZE) for f in self.frames])
+        crops = np.stack([steps.crop_resized(f, region, steps.CROP_SIZE) for f in self.frames])
         self.record("0b crops", "crop256_bgr", rec("images.crop256_bgr"), crops[..., ::-1], EXACT)
 
     # 2: face3d
 
     def face3d(self) -> None:
         rec, stage = self.rec, "2 face3d"
-        im224, params = stages.face3d_inputs(_rgb(rec("images.crop256_bgr")), rec("geometry.fan_stage1_lm"))
+        im224, params = steps.face3d_inputs(_rgb(rec("images.crop256_bgr")), rec("geometry.fan_stage1_lm"))
         self.record(stage, "align_trans_params", rec("geometry.align_trans_params"), params, TRANS_PARAMS)
         self.record(stage, "align_im224_rgb", rec("images.align_im224_rgb"), im224, GREY1)
         net = self.nets["face3d"]
         net.take()
-        stages.face3d_coefficients(net, rec("images.align_im224_rgb"), self.device)
+        steps.face3d_coefficients(net, rec("images.align_im224_rgb"), self.device)
         self.face3d_calls(stage, net.take(), rec("images.align_im224_rgb"))
 
     def face3d_calls(self, stage: str, made: list, source: np.ndarray) -> None:
@@ -626,7 +626,7 @@ class _Check:
         net = self.nets["DNet"]
         net.take()
         crops = _rgb(rec("images.crop256_bgr"))
-        stabilized = stages.stabilize(
+        stabilized = steps.stabilize(
             net, crops, semantic, range(len(crops)), rec("inputs.expression_center")[0], self.device
         )
         self.dnet_calls(stage, net.take(), crops[..., ::-1])
@@ -706,29 +706,29 @@ class _Check:
         rec, stage = self.rec, "5 GPEN enhance"
         geometry = self.source_geometry
         n = len(rec("images.dnet_out_bgr"))
-        aligned, inverses = stages.gpen_align(_rgb(rec("images.dnet_out_bgr")), geometry.enhance_points[:n])
+        aligned, inverses = steps.gpen_align(_rgb(rec("images.dnet_out_bgr")), geometry.enhance_points[:n])
         self.record(
             stage, "gpen_aligned512_bgr", rec("images.gpen_aligned512_bgr"), aligned[..., ::-1], EXACT
         )
         gpen, parsenet = self.nets["GPEN"], self.nets["ParseNet"]
         gpen.take()
-        restored = stages.restore_gpen(gpen, _rgb(rec("images.gpen_aligned512_bgr")), self.device)
+        restored = steps.restore_gpen(gpen, _rgb(rec("images.gpen_aligned512_bgr")), self.device)
         self.gpen_calls(
             stage, gpen.take(), rec("images.gpen_aligned512_bgr"), rec("images.gpen_out512_bgr"), restored
         )
         parsenet.take()
-        masks = stages.parse_faces(parsenet, _rgb(rec("images.gpen_out512_bgr")), FACE_LABELS, self.device)
+        masks = steps.parse_faces(parsenet, _rgb(rec("images.gpen_out512_bgr")), FACE_LABELS, self.device)
         self.parse_calls(stage, "gpen-enhance", parsenet.take(), rec("images.gpen_out512_bgr"))
         self.record(stage, "gpen_parse_mask512", rec("images.gpen_parse_mask512"), masks, MASK)
         masks = rec("images.gpen_parse_mask512")
         soft = np.stack(
             [
-                stages.warp_back(f, m, i, (256, 256)).soft[:, :, 0]
+                steps.warp_back(f, m, i, (256, 256)).soft[:, :, 0]
                 for f, m, i in zip(rec("images.gpen_out512_bgr"), masks, inverses, strict=True)
             ]
         )
         self.record(stage, "gpen_tmp_mask256_warped", rec("images.gpen_tmp_mask256_warped"), soft, FLOAT_MASK)
-        enhanced = stages.gpen_composite(
+        enhanced = steps.gpen_composite(
             _rgb(rec("images.dnet_out_bgr")),
             _rgb(rec("images.gpen_out512_bgr")),
             masks,
@@ -769,14 +769,14 @@ class _Check:
         n = len(enhanced)
         crops = np.stack(
             [
-                np.asarray(stages.stit_crop(e, q))
+                np.asarray(steps.stit_crop(e, q))
                 for e, q in zip(enhanced, geometry.stit_quads[:n], strict=True)
             ]
         )
         self.record(stage, "stit_crops256_bgr", rec("images.stit_crops256_bgr"), crops[..., ::-1], EXACT)
         background = np.stack(
             [
-                stages.crop_resized(f, b, stages.CROP_SIZE)
+                steps.crop_resized(f, b, steps.CROP_SIZE)
                 for f, b in zip(self.frames[:n], geometry.crop_boxes[:n], strict=True)
             ]
         )
@@ -789,7 +789,7 @@ class _Check:
         )
         pasted = np.stack(
             [
-                stages.stit_paste(e, _rgb(b), q)
+                steps.stit_paste(e, _rgb(b), q)
                 for e, b, q in zip(
                     enhanced, rec("images.stit_background256_bgr"), geometry.stit_quads[:n], strict=True
                 )
@@ -798,7 +798,7 @@ class _Check:
         self.record(
             stage, "stit_paste256_bgra", rec("images.stit_paste256_bgra"), pasted[..., [2, 1, 0, 3]], EXACT
         )
-        refs = stages.reference_crops(
+        refs = steps.reference_crops(
             self.frames[:n],
             geometry.crop_boxes[:n],
             enhanced,
@@ -811,11 +811,11 @@ class _Check:
         og = self.output_geometry
         faces = np.stack(
             [
-                stages.crop_resized(f, b, stages.FACE_SIZE)
+                steps.crop_resized(f, b, steps.FACE_SIZE)
                 for f, b in zip(self.frames[outs], og.enet_boxes, strict=True)
             ]
         )
-        built = stages.enet_inputs(faces, _rgb(enet_in[..., 3:]))
+        built = steps.enet_inputs(faces, _rgb(enet_in[..., 3:]))
         self.record("6c E-Net input", "enet_in_u8", enet_in, built, EXACT)
 
     def enet(self) -> None:
@@ -824,7 +824,7 @@ class _Check:
         net = self.nets["ENet"]
         net.take()
         self.nets.lnet_inputs.clear()
-        pred = stages.lip_sync(
+        pred = steps.lip_sync(
             net,
             rec("inputs.mel_chunks"),
             _rgb(enet_in[..., :3]),
@@ -892,27 +892,27 @@ class _Check:
 
     # 7: post-processing
 
-    def areas(self) -> list[stages.BlendArea]:
-        return [stages.whole_frame_512(self.width, self.height)] * len(self.outframes)
+    def areas(self) -> list[steps.BlendArea]:
+        return [steps.whole_frame_512(self.width, self.height)] * len(self.outframes)
 
     def restore(self) -> None:
         rec, stage = self.rec, "7b GFPGAN"
         og = self.output_geometry
         frames = self.frames[self.outframes]
-        ff = stages.paste_faces(frames, og.enet_boxes, _rgb(rec("images.pred_u8_384_bgr")))
-        crops, matrices = stages.gfpgan_align(ff, og.restore_points)
+        ff = steps.paste_faces(frames, og.enet_boxes, _rgb(rec("images.pred_u8_384_bgr")))
+        crops, matrices = steps.gfpgan_align(ff, og.restore_points)
         self.record(
             stage, "gfpgan_cropped512_bgr", rec("images.gfpgan_cropped512_bgr"), crops[..., ::-1], EXACT
         )
         net = self.nets["GFPGAN"]
         net.take()
-        restored = stages.restore_gfpgan(
+        restored = steps.restore_gfpgan(
             net, _rgb(rec("images.gfpgan_cropped512_bgr")), self.gfpgan_noise(), self.device
         )
         self.gfpgan_calls(stage, net.take(), rec("images.gfpgan_cropped512_bgr"), restored)
         pasted = np.stack(
             [
-                stages.paste_back_restored(f, r, m, a)
+                steps.paste_back_restored(f, r, m, a)
                 for f, r, m, a in zip(
                     ff, _rgb(rec("images.gfpgan_restored512_bgr")), matrices, self.areas(), strict=True
                 )
@@ -943,11 +943,11 @@ class _Check:
         pasted = _rgb(rec("images.gfpgan_pasted_bgr"))
         net = self.nets["ParseNet"]
         net.take()
-        stages.mouth_masks(net, list(pasted), [tuple(b) for b in og.enet_boxes], self.device)
+        steps.mouth_masks(net, list(pasted), [tuple(b) for b in og.enet_boxes], self.device)
         made = net.take()
         source = np.stack(
             [
-                stages.crop_resized(p, b, stages.ALIGNED_SIZE)
+                steps.crop_resized(p, b, steps.ALIGNED_SIZE)
                 for p, b in zip(rec("images.gfpgan_pasted_bgr"), og.enet_boxes, strict=True)
             ]
         )
@@ -957,17 +957,17 @@ class _Check:
         self.record(stage, "mouth_parse_mask512", rec("images.mouth_parse_mask512"), keep, MASK)
         masks = np.stack(
             [
-                stages.mask_in_box(m, b, p.shape)
+                steps.mask_in_box(m, b, p.shape)
                 for m, b, p in zip(rec("images.mouth_parse_mask512"), og.enet_boxes, pasted, strict=True)
             ]
         )
         self.record(stage, "mouth_mask_full", rec("images.mouth_mask_full"), masks, EXACT)
-        ff = stages.paste_faces(
+        ff = steps.paste_faces(
             self.frames[self.outframes], og.enet_boxes, _rgb(rec("images.pred_u8_384_bgr"))
         )
         pp = np.stack(
             [
-                stages.blend_in_area(p, f, m, (stages.ALIGNED_SIZE,) * 2, stages.MOUTH_LEVELS)
+                steps.blend_in_area(p, f, m, (steps.ALIGNED_SIZE,) * 2, steps.MOUTH_LEVELS)
                 for p, f, m in zip(pasted, ff, rec("images.mouth_mask_full"), strict=True)
             ]
         )
@@ -976,16 +976,16 @@ class _Check:
     def final(self) -> None:
         rec, stage = self.rec, "7e final paste"
         og = self.output_geometry
-        aligned, inverses = stages.gpen_align(_rgb(rec("images.pp_bgr")), og.paste_points)
+        aligned, inverses = steps.gpen_align(_rgb(rec("images.pp_bgr")), og.paste_points)
         self.record(
             stage, "final_aligned512_bgr", rec("images.final_aligned512_bgr"), aligned[..., ::-1], EXACT
         )
         net = self.nets["ParseNet"]
         net.take()
-        masks = stages.parse_faces(net, _rgb(rec("images.final_aligned512_bgr")), FACE_LABELS, self.device)
+        masks = steps.parse_faces(net, _rgb(rec("images.final_aligned512_bgr")), FACE_LABELS, self.device)
         self.parse_calls(stage, "final-parse", net.take(), rec("images.final_aligned512_bgr"))
         self.record(stage, "final_parse_mask512", rec("images.final_parse_mask512"), masks, MASK)
-        final = stages.face_parse_paste(
+        final = steps.face_parse_paste(
             _rgb(rec("images.final_aligned512_bgr")),
             rec("images.final_parse_mask512"),
             inverses,
@@ -1058,7 +1058,7 @@ class _Check:
         outs = self.outframes
         self.report("chained: rendering")
 
-        def render(areas: list[stages.BlendArea], trace: neural.Trace) -> np.ndarray:
+        def render(areas: list[steps.BlendArea], trace: neural.Trace) -> np.ndarray:
             return neural.render_faces(
                 nets["ENet"],
                 nets["GFPGAN"],
@@ -1090,7 +1090,7 @@ class _Check:
         mouth_rows = _rows_of(parse, 0, m)
         mouth_source = np.stack(
             [
-                stages.crop_resized(p, b, stages.ALIGNED_SIZE)
+                steps.crop_resized(p, b, steps.ALIGNED_SIZE)
                 for p, b in zip(rec("images.gfpgan_pasted_bgr"), self.output_geometry.enet_boxes, strict=True)
             ]
         )
@@ -1117,7 +1117,7 @@ class _Check:
         psnr = {"chained, reference blend area": self.face_psnr(final)}
         if native:
             self.report("chained: rendering in the engine's own blend areas")
-            areas = [stages.face_area(b, self.width, self.height) for b in self.output_geometry.enet_boxes]
+            areas = [steps.face_area(b, self.width, self.height) for b in self.output_geometry.enet_boxes]
             engine = render(areas, lambda name, value: None)
             psnr["chained, engine blend areas"] = self.face_psnr(engine)
         return psnr

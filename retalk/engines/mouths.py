@@ -27,12 +27,12 @@ import numpy as np
 
 import retalk
 from retalk import media
+from retalk.cache import cache_key
 from retalk.errors import InputError
-from retalk.pipeline.cache import cache_key
 from retalk.tracking import DlibLandmarks
 
-if TYPE_CHECKING:  # redub imports the preview engine, which imports this module
-    from retalk.pipeline.redub import SourceClip
+if TYPE_CHECKING:  # the engine contract, for annotations only
+    from retalk.engines import SourceClip
     from retalk.tracking import FaceTrack
 
 # dlib 68-point (iBUG) indices

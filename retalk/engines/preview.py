@@ -4,7 +4,7 @@ Per output frame the new audio gives mouth parameters (openness from loudness, w
 the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
 D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
 and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
-:mod:`retalk.pipeline.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
+:mod:`retalk.engines.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
 the skin around them and feather-blended. Where the clip never opens its mouth as wide as the target, the
 inner mouth is shaded dark with a hint of upper teeth instead (the synthesis the engine used before it had
 exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
@@ -14,15 +14,16 @@ index and the audio, never on which frames were rendered before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from retalk.pipeline.mouths import (
+from retalk.engines import SourceClip, options_ignored_by
+from retalk.engines.mouths import (
     CACHE_KIND,
     INNER_LIP,
     INNER_LOWER,
@@ -40,11 +41,6 @@ from retalk.pipeline.mouths import (
     mouth_shapes,
     patch_transform,
 )
-
-if TYPE_CHECKING:  # redub imports this module
-    from collections.abc import Callable
-
-    from retalk.pipeline.redub import SourceClip
 
 
 def _per_point(weights: dict[int, float]) -> np.ndarray:
@@ -387,9 +383,10 @@ class MouthPlan:
 
 
 class PreviewEngine:
-    """The engine interface of :mod:`retalk.pipeline.redub` for the preview renderer."""
+    """The preview renderer behind the engine contract (:class:`retalk.engines.Engine`)."""
 
     name = "preview"
+    ignores = options_ignored_by("preview", "precision")  # no networks: nothing to compute in 16 bits
 
     def __init__(self) -> None:
         self.clip: SourceClip | None = None

@@ -1,7 +1,8 @@
 """A size-bounded on-disk cache for video-only stage outputs, keyed by content, evicted least-recently-used.
 
 Keys hash what a result depends on (decoded pixels, parameters, code version), never a file name: two
-different clips called ``input.mp4`` never share an entry (the reference's defect D9).
+different clips called ``input.mp4`` never share an entry (the reference keyed
+its intermediate files by file name).
 """
 
 from __future__ import annotations

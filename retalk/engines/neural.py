@@ -11,7 +11,7 @@
   at its own resolution: every pixel outside that region is the decoded source, bit for bit (docs/DESIGN.md,
   deviation 6).
 
-Every stage takes its geometry from a :class:`~retalk.pipeline.geometry.FaceGeometry` of the clip's face track
+Every stage takes its geometry from a :class:`~retalk.engines.geometry.FaceGeometry` of the clip's face track
 and its noise as tensors; ``retalk selftest --pipeline`` drives the same functions with the reference's recorded
 geometry and noise (docs/DESIGN.md lists where and why the engine differs from the reference).
 """
@@ -33,7 +33,11 @@ from PIL import Image
 import retalk
 from retalk import media
 from retalk.audio import mel_chunks_for_frames, melspectrogram
+from retalk.cache import ArtifactCache, cache_key
 from retalk.device import autocast, check_precision, resolve_device
+from retalk.engines import SourceClip, options_ignored_by
+from retalk.engines import neural_steps as steps
+from retalk.engines.geometry import FaceGeometry, nearest_found
 from retalk.errors import CheckpointError, InputError
 from retalk.models.dnet import load_dnet
 from retalk.models.enet import load_enet
@@ -42,10 +46,6 @@ from retalk.models.ganimation import expression_aus, load_ganimation
 from retalk.models.gfpgan import load_gfpgan
 from retalk.models.gpen import load_gpen
 from retalk.models.parsing import load_parsenet
-from retalk.pipeline import neural_stages as stages
-from retalk.pipeline.cache import ArtifactCache, cache_key
-from retalk.pipeline.geometry import FaceGeometry, nearest_found
-from retalk.pipeline.redub import SourceClip
 from retalk.pipeline.request import RedubRequest
 from retalk.registry import find_checkpoint
 from retalk.tracking import track_faces
@@ -80,10 +80,7 @@ def _no_trace(name: str, value: object) -> None:
 
 def _crops256(frames: np.ndarray, geometry: FaceGeometry) -> np.ndarray:
     return np.stack(
-        [
-            stages.crop_resized(f, b, stages.CROP_SIZE)
-            for f, b in zip(frames, geometry.crop_boxes, strict=True)
-        ]
+        [steps.crop_resized(f, b, steps.CROP_SIZE) for f, b in zip(frames, geometry.crop_boxes, strict=True)]
     )
 
 
@@ -91,7 +88,7 @@ def coefficient_rows(
     face3d: torch.nn.Module, frames: np.ndarray, geometry: FaceGeometry, device: torch.device
 ) -> np.ndarray:
     """(n, 262) coefficient rows of frames with a face (RGB) and their geometry rows."""
-    return stages.face3d_rows(face3d, _crops256(frames, geometry), geometry.crop_landmarks, device)
+    return steps.face3d_rows(face3d, _crops256(frames, geometry), geometry.crop_landmarks, device)
 
 
 def reference_faces(
@@ -109,20 +106,20 @@ def reference_faces(
     """(n, 384, 384, 3) E-Net references of frames with a face; ``indices`` are their rows in ``semantic``
     (the clip's coefficients, read by D-Net's window)."""
     # 1. D-Net re-renders the head crop with the template expression
-    stabilized = stages.stabilize(dnet, _crops256(frames, geometry), semantic, indices, expression, device)
+    stabilized = steps.stabilize(dnet, _crops256(frames, geometry), semantic, indices, expression, device)
     trace("dnet_out", stabilized)
     # 2. GPEN enhances it
-    enhanced = stages.enhance_references(
+    enhanced = steps.enhance_references(
         gpen, parsenet, stabilized, geometry.enhance_points, geometry.enhance_boxes, device
     )
     trace("gpen_enhanced", enhanced)
     # 3. pasted back into its frame, cropped at the E-Net box
-    return stages.reference_crops(
+    return steps.reference_crops(
         frames, geometry.crop_boxes, enhanced, geometry.stit_quads, geometry.enet_boxes
     )
 
 
-def _with_area(frame: np.ndarray, area: stages.BlendArea, image: np.ndarray) -> np.ndarray:
+def _with_area(frame: np.ndarray, area: steps.BlendArea, image: np.ndarray) -> np.ndarray:
     out = frame.copy()
     x1, y1, x2, y2 = area.box
     out[y1:y2, x1:x2] = image
@@ -139,7 +136,7 @@ def render_faces(
     references: np.ndarray,
     enet_noise: Sequence[torch.Tensor],
     gfpgan_noise: Sequence[torch.Tensor],
-    areas: Sequence[stages.BlendArea],
+    areas: Sequence[steps.BlendArea],
     device: torch.device,
     upper_face: tuple[torch.nn.Module, torch.Tensor] | None = None,
     trace: Trace = _no_trace,
@@ -148,28 +145,26 @@ def render_faces(
     post-processed in its blend area. ``upper_face``: GANimation and its action units."""
     boxes = geometry.enet_boxes
     # 1. E-Net: the lower half of each face from its mel window and reference
-    faces = np.stack(
-        [stages.crop_resized(f, b, stages.FACE_SIZE) for f, b in zip(frames, boxes, strict=True)]
-    )
-    pred = stages.lip_sync(enet, mel, faces, references, enet_noise, device)
+    faces = np.stack([steps.crop_resized(f, b, steps.FACE_SIZE) for f, b in zip(frames, boxes, strict=True)])
+    pred = steps.lip_sync(enet, mel, faces, references, enet_noise, device)
     # 2. optional upper-face expression
     if upper_face is not None:
-        pred = stages.edit_upper_face(upper_face[0], faces, pred, upper_face[1], device)
+        pred = steps.edit_upper_face(upper_face[0], faces, pred, upper_face[1], device)
     trace("pred", pred)
     # 3. paste, then GFPGAN on the face aligned from its 5 points, pasted back
-    pasted = stages.paste_faces(frames, boxes, pred)
-    crops, matrices = stages.gfpgan_align(pasted, geometry.restore_points)
-    restored = stages.restore_gfpgan(gfpgan, crops, gfpgan_noise, device)
+    pasted = steps.paste_faces(frames, boxes, pred)
+    crops, matrices = steps.gfpgan_align(pasted, geometry.restore_points)
+    restored = steps.restore_gfpgan(gfpgan, crops, gfpgan_noise, device)
     restored = [
-        stages.paste_back_restored(p, r, m, a)
+        steps.paste_back_restored(p, r, m, a)
         for p, r, m, a in zip(pasted, restored, matrices, areas, strict=True)
     ]
     trace("gfpgan_pasted", restored)
     # 4. the mouth and lips of GFPGAN's face blended into the pasted face
     local_boxes = [a.local(b) for a, b in zip(areas, boxes, strict=True)]
-    mouths = stages.mouth_masks(parsenet, restored, local_boxes, device)
+    mouths = steps.mouth_masks(parsenet, restored, local_boxes, device)
     mouth_blended = [
-        stages.blend_in_area(r, stages.cut(p, a.box), m, a.size, stages.MOUTH_LEVELS)
+        steps.blend_in_area(r, steps.cut(p, a.box), m, a.size, steps.MOUTH_LEVELS)
         for r, p, m, a in zip(restored, pasted, mouths, areas, strict=True)
     ]
     del pasted
@@ -177,14 +172,14 @@ def render_faces(
     # 5. the face-parse paste onto the original frame, from GPEN's crop of the whole mouth-blended frame
     aligned, inverses = zip(
         *(
-            stages.gpen_align(_with_area(f, a, m)[None], p[None])
+            steps.gpen_align(_with_area(f, a, m)[None], p[None])
             for f, a, m, p in zip(frames, areas, mouth_blended, geometry.paste_points, strict=True)
         ),
         strict=True,
     )
     aligned, inverses = np.concatenate(aligned), np.concatenate(inverses)
-    masks = stages.parse_faces(parsenet, aligned, stages.FACE_LABELS, device)
-    final = stages.face_parse_paste(aligned, masks, inverses, frames, boxes, areas)
+    masks = steps.parse_faces(parsenet, aligned, steps.FACE_LABELS, device)
+    final = steps.face_parse_paste(aligned, masks, inverses, frames, boxes, areas)
     out = frames.copy()
     for frame, area, face in zip(out, areas, final, strict=True):
         x1, y1, x2, y2 = area.box
@@ -196,6 +191,7 @@ class NeuralEngine:
     """VideoReTalking's D-Net / E-Net / GPEN / GFPGAN pipeline on the geometry of the clip's face track."""
 
     name = "neural"
+    ignores = options_ignored_by("neural")
 
     def __init__(self, request: RedubRequest) -> None:
         self.request = request
@@ -320,15 +316,15 @@ class NeuralEngine:
                 geometry,
                 self._mel[outputs],
                 np.stack([self._reference(int(local[k])) for k in rows]),
-                stages.per_frame_noise(
-                    [self._seed(i, ENET_NOISE) for i in outputs], stages.enet_noise_shapes(), self.device
+                steps.per_frame_noise(
+                    [self._seed(i, ENET_NOISE) for i in outputs], steps.enet_noise_shapes(), self.device
                 ),
-                stages.per_frame_noise(
+                steps.per_frame_noise(
                     [self._seed(i, GFPGAN_NOISE) for i in outputs],
-                    stages.gfpgan_noise_shapes(gfpgan),
+                    steps.gfpgan_noise_shapes(gfpgan),
                     self.device,
                 ),
-                [stages.face_area(b, width, height) for b in geometry.enet_boxes],
+                [steps.face_area(b, width, height) for b in geometry.enet_boxes],
                 self.device,
                 upper_face,
             )
@@ -393,7 +389,7 @@ class NeuralEngine:
             raise InputError(f"--expression {self.request.expression}: no face found in the image")
         face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
         with torch.inference_mode(), self._autocast():
-            self._expression = stages.expression_from_image(face3d, image, track.landmarks[0], self.device)
+            self._expression = steps.expression_from_image(face3d, image, track.landmarks[0], self.device)
         return self._expression
 
     def _store_references(self, a: int) -> np.ndarray:
@@ -408,7 +404,7 @@ class NeuralEngine:
         )
         local = np.arange(a, b)
         keep = clip.track.found[local]
-        references = np.zeros((b - a, stages.FACE_SIZE, stages.FACE_SIZE, 3), np.uint8)
+        references = np.zeros((b - a, steps.FACE_SIZE, steps.FACE_SIZE, 3), np.uint8)
         if keep.any():
             with torch.inference_mode(), self._autocast():
                 references[keep] = reference_faces(

@@ -1,9 +1,10 @@
-"""The stages of the neural engine as batched functions over a chunk of frames.
+"""The steps of the neural engine (each network call and the image work between them) as batched functions over
+a chunk of frames; the pipeline's own stages are those of ``retalk.pipeline.redub``.
 
 Images are uint8 RGB (n, H, W, 3) unless a name says otherwise; E-Net alone works in BGR, as it was trained.
-Every stage takes its geometry as arguments (from a ``retalk.pipeline.geometry.FaceGeometry``) and its noise as
+Every step takes its geometry as arguments (from a ``retalk.engines.geometry.FaceGeometry``) and its noise as
 tensors, so that the recorded reference geometry and noise can be replayed (docs/DESIGN.md, deviations 1 and 5).
-Each stage does the reference's arithmetic: the same warps and interpolation flags, float64 where it computes in
+Each step does the reference's arithmetic: the same warps and interpolation flags, float64 where it computes in
 float64, truncation to uint8 where it truncates and rounding where it rounds.
 """
 
