@@ -20,7 +20,7 @@ import platformdirs
 import torch
 
 from retalk import registry
-from retalk.commands.bench import default_reference_timing
+from retalk.bench import default_reference_timing
 
 
 def _build(files: tuple[str, ...], checkpoints: Path) -> torch.nn.Module:
