@@ -1,15 +1,16 @@
-"""GPU benchmark: each network's forward time at fp32, bf16 and fp16 and several batch sizes, and the re-dub of a
-generated 1080p clip end to end (neural engine), first take and second take (the video's stages cached), in
-frames per second; all on synthetic checkpoints (``retalk models synth``), so nothing is downloaded.
+"""GPU benchmark: each network's forward time at fp32, bf16 and fp16 and several batch sizes, and the re-dub
+of a generated 1080p clip end to end (neural engine), first take and second take (the video's stages cached),
+in frames per second; all on synthetic checkpoints (``retalk models synth``), so nothing is downloaded.
 
     python benchmarks/gpu.py [--batch 1 4 16] [--precision fp32 bf16 fp16] [--seconds 2] [--budget-seconds 540]
     python benchmarks/gpu.py --dry-run
 
-It needs a CUDA device and the project installed, nothing else. It measures the end-to-end takes first, each
-precision while less than half the budget is spent, then the networks, every network at the smallest batch before
-any larger one; what the budget leaves unmeasured prints as ``-``. ``--dry-run`` runs every step on the CPU at
-toy sizes (fp32, batch 1, one pass per network at a small input, 4 frames of 320x240 through the preview
-engine: the neural engine takes minutes a frame on a CPU), to check the script, not to measure.
+It needs a CUDA device and the project installed, nothing else. It measures the end-to-end takes first,
+each precision while less than half the budget is spent, then the networks, every network at the smallest
+batch before any larger one; what the budget leaves unmeasured prints as ``-``. ``--dry-run`` runs every
+step on the CPU at toy sizes (fp32, batch 1, one pass per network at a small input, 4 frames of 320x240
+through the preview engine: the neural engine takes about a minute a frame on 2 CPU cores), to check the
+script, not to measure.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 from models import NETWORKS, SYNTHETIC, build_network, time_forward
 
 from retalk import media, registry
+from retalk.bench import run_bench
 from retalk.device import PRECISIONS
-from retalk.pipeline import RedubRequest, redub
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
 
 UNMEASURED = math.nan  # a cell the budget left out (printed as "-")
@@ -58,9 +59,9 @@ def end_to_end(
     seconds: float,
     budget: Budget,
 ) -> tuple[int, dict[str, tuple[float, float]]]:
-    """The clip's frame count, and the frames per second of the first and second take of each precision's re-dub of a generated clip of
-    ``size`` (the sample shot, ``seconds`` long) with a sample line of speech; a precision starts while less
-    than half the budget is spent."""
+    """The clip's frame count, and each precision's first and second take (:func:`retalk.bench.run_bench`) of
+    the re-dub of a generated clip of ``size`` (the sample shot, ``seconds`` long) with a sample line of speech,
+    in frames per second of the pipeline's stages; a precision starts while less than half the budget is spent."""
     video = write_sample_clip(folder / "clip.mp4", seconds=seconds, size=size)
     audio = folder / "speech.wav"
     write_sample_speech(audio)
@@ -69,22 +70,23 @@ def end_to_end(
         if not budget.allows(0.5):
             rates[precision] = (UNMEASURED, UNMEASURED)
             continue
-        request = RedubRequest(
-            video=video,
-            audio=audio,
-            output=folder / f"{precision}.mp4",
+        takes = folder / precision  # each precision's first take prepares the video anew
+        takes.mkdir()
+        results = run_bench(
+            video,
+            audio,
+            takes,
             engine=engine,
+            codec="h264",
+            long_seconds=None,
             checkpoints=checkpoints,
             device=device,
             precision=precision,
-            cache_dir=folder / f"cache-{precision}",  # each precision's first take prepares the video anew
         )
-        takes = []
-        for _ in ("first", "second"):
-            start = time.perf_counter()
-            result = redub(request)
-            takes.append(result.frames / (time.perf_counter() - start))
-        rates[precision] = (takes[0], takes[1])
+        first, second = (
+            results[t]["frames"] / sum(results[t]["stage_seconds"].values()) for t in ("first", "second")
+        )
+        rates[precision] = (first, second)
     return media.probe(video).frame_count, rates
 
 
@@ -202,7 +204,7 @@ def main() -> int:
             budget=budget,
         )
     print(
-        f"\nend to end: {engine} engine, {size[0]}x{size[1]}, {frames} frames at 25 fps, wall clock per take"
+        f"\nend to end: {engine} engine, {size[0]}x{size[1]}, {frames} frames at 25 fps, the pipeline's stages per take"
     )
     print(format_end_to_end(rates), flush=True)
 

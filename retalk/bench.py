@@ -35,9 +35,9 @@ class NetworkCalls(NamedTuple):
     neural_second: int  # second take: the video-only stages come from the cache
 
 
-# The reference's dlib HOG detector runs on one frame per clip and GANimation only with --up_face, so neither is
-# counted; retalk's face track (dlib, once per frame, cached) stands in for every detector below (docs/DESIGN.md,
-# deviation 1).
+# The reference's dlib HOG detector runs on one frame per clip and GANimation only with --up_face, so
+# neither is counted; retalk's face track (dlib, once per frame, cached) stands in for every detector
+# below (docs/DESIGN.md, deviation 1).
 NETWORK_CALLS: dict[str, NetworkCalls] = {
     # the detector inside both FAN landmark passes: face3d's landmarks, and the quad on the enhanced face
     "S3FD (face_alignment)": NetworkCalls("S3FD", "256x256", 2, 0, 0),
@@ -171,15 +171,18 @@ def run_bench(
     *,
     engine: str,
     codec: str,
-    long_seconds: float,
+    long_seconds: float | None,
     start: int = 0,
     end: int | None = None,
     checkpoints: Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
     sheet: Path | None = None,
 ) -> dict:
-    """First and second take of ``video`` re-dubbed with ``audio``, then a take ``long_seconds`` long (the
-    audio looped, the video looped to follow it with --fit audio), all with one cache folder; with
-    ``sheet``, a contact sheet of the second take's mouths (:func:`write_mouth_sheet`)."""
+    """First and second take of ``video`` re-dubbed with ``audio``, each in a fresh process, all with one cache
+    folder; with ``sheet``, a contact sheet of the second take's mouths (:func:`write_mouth_sheet`). Unless
+    ``long_seconds`` is None, then a short take (--fit audio) and a take ``long_seconds`` long (the audio
+    looped, the video looped to follow it)."""
     request = RedubRequest(
         video=video,
         audio=audio,
@@ -188,20 +191,23 @@ def run_bench(
         end=end,
         engine=engine,
         checkpoints=checkpoints,
+        device=device,
+        precision=precision,
         codec=codec,
         cache_dir=folder / "cache",
     )
-    first = _in_fresh_process(request)
-    second = _in_fresh_process(request)
+    results = {"video": str(video), "first": _in_fresh_process(request), "second": _in_fresh_process(request)}
     if sheet is not None:
         write_mouth_sheet(video, request.output, start, sheet)
+    if long_seconds is None:
+        return results
     wav = media.read_audio(audio, sample_rate=16000)
     repeats = int(np.ceil(long_seconds * 16000 / max(len(wav), 1)))
     long_audio = folder / "long.wav"
     soundfile.write(long_audio, np.tile(wav, repeats)[: round(long_seconds * 16000)], 16000)
-    short = _in_fresh_process(replace(request, fit="audio"))
-    long = _in_fresh_process(replace(request, audio=long_audio, fit="audio", extend="loop"))
-    return {"video": str(video), "first": first, "second": second, "short": short, "long": long}
+    results["short"] = _in_fresh_process(replace(request, fit="audio"))
+    results["long"] = _in_fresh_process(replace(request, audio=long_audio, fit="audio", extend="loop"))
+    return results
 
 
 def format_report(results: dict) -> str:
