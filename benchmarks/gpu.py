@@ -153,7 +153,9 @@ def format_end_to_end(rates: dict[str, tuple[float, float]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--dry-run", action="store_true", help="every step on the CPU at toy sizes, in a minute"
+        "--dry-run",
+        action="store_true",
+        help="every step on the CPU at toy sizes (about a minute): a check, not a measurement",
     )
     parser.add_argument(
         "--batch", type=int, nargs="+", default=[1, 4, 16], help="batch sizes of the networks"
@@ -171,6 +173,8 @@ def main() -> int:
         help="stop measuring (and print what was measured) after this many seconds",
     )
     args = parser.parse_args()
+    if min(args.batch) < 1 or args.repeat < 1:
+        parser.error("--batch and --repeat take whole numbers from 1 up")
     budget = Budget(args.budget_seconds)
     if args.dry_run:
         device, engine, size, seconds = torch.device("cpu"), "preview", (320, 240), 4 / 25
