@@ -15,65 +15,102 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 import torch
 
 from retalk import registry
-from retalk.commands.bench import default_reference_timing
+from retalk.bench import default_reference_timing
+from retalk.device import autocast
+
+# the synthetic checkpoints, kept between runs
+SYNTHETIC = Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
 
 
-def _build(files: tuple[str, ...], checkpoints: Path) -> torch.nn.Module:
+def build_network(
+    files: tuple[str, ...], checkpoints: Path, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """The network through the registry's loader for its first file (E-Net's also reads LNet.pth)."""
     return registry.resolve_loader(registry.CHECKPOINTS[files[0]])(
-        *(checkpoints / f for f in files), device="cpu"
+        *(checkpoints / f for f in files), device=device
     )
 
 
-def _images(batch: int, channels: int, size: int) -> torch.Tensor:
-    return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def _images(batch: int, channels: int, side: int) -> torch.Tensor:
+    return torch.rand(batch, channels, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _mel(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 1, 80, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _forward(model: Callable, inputs: tuple) -> object:
     return model(*inputs)
 
 
-# golden/timing name -> (checkpoint files, inputs for a batch size, forward call)
-NETWORKS: dict[str, tuple[tuple[str, ...], Callable[[int], tuple], Callable]] = {
-    "LNet": (("LNet.pth",), lambda b: (torch.randn(b, 1, 80, 16), _images(b, 6, 96)), _forward),
-    "ENet": (
+class Network(NamedTuple):
+    """One network as the benchmarks time it, on the CPU's tensors of its inputs."""
+
+    files: tuple[str, ...]  # its checkpoint files, the first one's loader builds it
+    inputs: Callable[[int, int], tuple]  # (batch, image side) -> the forward call's tensors
+    side: int  # the image side the pipeline feeds it
+    quick_side: int  # a small side it accepts, for quick runs (gpu.py --dry-run); fixed-size ones: side
+    forward: Callable = _forward
+
+
+# golden/timing name -> the network
+NETWORKS: dict[str, Network] = {
+    "LNet": Network(("LNet.pth",), lambda b, s: (_mel(b), _images(b, 6, s)), 96, 48),
+    "ENet": Network(
         ("ENet.pth", "LNet.pth"),
-        lambda b: (torch.randn(b, 1, 80, 16), _images(b, 6, 384)),
+        lambda b, s: (_mel(b), _images(b, 6, s)),
+        384,
+        48,
         lambda m, x: m(x[0], x[1], x[1][:, 3:], generator=torch.Generator().manual_seed(0)),
     ),
-    "DNet": (("DNet.pt",), lambda b: (_images(b, 3, 256), torch.randn(b, 73, 26)), _forward),
-    "face3d_recon": (("face3d_pretrain_epoch_20.pth",), lambda b: (_images(b, 3, 224),), _forward),
-    "GFPGANv1.3": (("GFPGANv1.3.pth",), lambda b: (_images(b, 3, 512),), _forward),
-    "GPEN-BFR-512": (("GPEN-BFR-512.pth",), lambda b: (_images(b, 3, 512),), _forward),
-    "ParseNet": (("ParseNet-latest.pth",), lambda b: (_images(b, 3, 512),), _forward),
-    "RetinaFace-R50": (("RetinaFace-R50.pth",), lambda b: (_images(b, 3, 256) * 128,), _forward),
-    "S3FD": (("s3fd-619a316812.pth",), lambda b: (_images(b, 3, 700) * 128,), _forward),
-    "GANimation_gen": (("30_net_gen.pth",), lambda b: (_images(b, 3, 128), torch.rand(b, 17)), _forward),
+    "DNet": Network(("DNet.pt",), lambda b, s: (_images(b, 3, s), torch.randn(b, 73, 26)), 256, 64),
+    "face3d_recon": Network(("face3d_pretrain_epoch_20.pth",), lambda b, s: (_images(b, 3, s),), 224, 32),
+    "GFPGANv1.3": Network(("GFPGANv1.3.pth",), lambda b, s: (_images(b, 3, s),), 512, 512),
+    "GPEN-BFR-512": Network(("GPEN-BFR-512.pth",), lambda b, s: (_images(b, 3, s),), 512, 512),
+    "ParseNet": Network(("ParseNet-latest.pth",), lambda b, s: (_images(b, 3, s),), 512, 32),
+    "RetinaFace-R50": Network(("RetinaFace-R50.pth",), lambda b, s: (_images(b, 3, s) * 128,), 256, 32),
+    "S3FD": Network(("s3fd-619a316812.pth",), lambda b, s: (_images(b, 3, s) * 128,), 700, 32),
+    "GANimation_gen": Network(
+        ("30_net_gen.pth",), lambda b, s: (_images(b, 3, s), torch.rand(b, 17)), 128, 32
+    ),
 }
 
 
-def time_forward(model: torch.nn.Module, call: Callable, inputs: tuple, repeat: int) -> float:
-    """Median seconds of ``repeat`` forward passes after one warm-up."""
+def time_forward(
+    model: torch.nn.Module,
+    call: Callable,
+    inputs: tuple,
+    repeat: int,
+    *,
+    warmup: int = 1,
+    precision: str = "fp32",
+) -> float:
+    """Median seconds of ``repeat`` forward passes after ``warmup`` untimed ones, under ``precision``'s
+    autocast on the inputs' device; on CUDA each pass is waited for (kernels run asynchronously)."""
+    device = inputs[0].device
+    wait = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     times = []
-    with torch.inference_mode():
-        call(model, inputs)
+    with torch.inference_mode(), autocast(device, precision):
+        for _ in range(warmup):
+            call(model, inputs)
+        wait()
         for _ in range(repeat):
             start = time.perf_counter()
             call(model, inputs)
+            wait()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoints", type=Path, default=Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
-    )
+    parser.add_argument("--checkpoints", type=Path, default=SYNTHETIC)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -92,12 +129,13 @@ def main() -> int:
         + f"{'reference b1 s':>16}"
     )
     for name in args.only:
-        files, make_inputs, call = NETWORKS[name]
-        registry.synth(args.checkpoints, files)
-        model = _build(files, args.checkpoints)
+        network = NETWORKS[name]
+        registry.synth(args.checkpoints, network.files)
+        model = build_network(network.files, args.checkpoints)
         cells = []
         for batch in args.batch:
-            seconds = time_forward(model, call, make_inputs(batch), args.repeat)
+            inputs = network.inputs(batch, network.side)
+            seconds = time_forward(model, network.forward, inputs, args.repeat)
             cells.append(f"{seconds:>12.3f}{seconds / batch:>9.3f}")
         ref = reference.get(name, {}).get("median_s")
         print(f"{name:<16}" + "".join(cells) + (f"{ref:>16.3f}" if ref else f"{'-':>16}"), flush=True)

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from retalk import media
-from retalk.commands.bench import default_reference_timing, format_report, reference_costs, run_bench
+from retalk.bench import default_reference_timing, format_report, reference_costs, run_bench
 from retalk.engines.preview import render_frame
 from retalk.shared import shared_dir
 from retalk.tracking import track_faces

@@ -111,6 +111,14 @@ def reference_shaped_state_dict(
     return build
 
 
+@pytest.fixture(scope="module")
+def shaped_sd(
+    request: pytest.FixtureRequest, reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """:func:`reference_shaped_state_dict` of the official file the test module names as ``CHECKPOINT``."""
+    return reference_shaped_state_dict(request.module.CHECKPOINT)
+
+
 @pytest.fixture(scope="session")
 def golden_case(golden_dir: Path) -> Callable[[Case, Path], Mapping[str, np.ndarray]]:
     """``golden_case(case, checkpoints)``: runs a ``retalk.selftest.cases`` row on its golden file with the

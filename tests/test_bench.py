@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mediagen import write_face_clip, write_tone
 
+from retalk.bench import NETWORK_CALLS, format_report, reference_costs
 from retalk.cli import main
-from retalk.commands.bench import NETWORK_CALLS, format_report, reference_costs
 from retalk.errors import InputError
 
 # Made-up per-call medians for three of the timed networks; every other network is absent (untimed).

@@ -6,7 +6,6 @@ Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,7 @@ import torch
 from retalk.errors import CheckpointError
 from retalk.models.face3d import CHECKPOINT_NAME, COEFF_LAYOUT, ReconNet, load_face3d
 
-
-@pytest.fixture(scope="module")
-def shaped_sd(
-    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    return reference_shaped_state_dict(CHECKPOINT_NAME)
+CHECKPOINT = CHECKPOINT_NAME  # the file of the shaped_sd fixture (conftest.py)
 
 
 def test_official_keys_load_as_is(shaped_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ Missing keys, truncated and foreign files: test_checkpoint_errors.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ import torch
 from retalk.errors import CheckpointError
 from retalk.models.lnet import LNet, fold_spectral_norm, lnet_state_dict_from_official, load_lnet
 
-
-@pytest.fixture(scope="module")
-def shaped_sd(
-    reference_shaped_state_dict: Callable[[str], dict[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    return reference_shaped_state_dict("LNet.pth")
+CHECKPOINT = "LNet.pth"  # the file of the shaped_sd fixture (conftest.py)
 
 
 def test_batch_items_are_independent() -> None:

@@ -76,8 +76,18 @@ class Harness:
         session.connect()
         return session
 
-    def close_gate(self) -> None:
+    def close_gate(self) -> int:
+        """Hold every attempt from now on at the gate; how many attempts have reached it so far."""
         (self.gate / "open").unlink(missing_ok=True)
+        return len(started_markers(self.gate))
+
+    def hold_running_job(self, client: Client) -> tuple[str, int]:
+        """Close the gate and submit a preview job; once its attempt waits at the gate, the job and how many
+        attempts had reached the gate before it."""
+        before = self.close_gate()
+        job = client.submit("clip.mp4", "tone.wav", engine="preview")
+        self.wait_for_attempt(before + 1)
+        return job, before
 
     def open_gate(self) -> None:
         (self.gate / "open").touch()
@@ -128,8 +138,7 @@ def test_s8_1_server_killed_mid_job_resumes_and_completes_once(harness):
 
 
 def test_s8_2_a_killed_worker_is_retried(harness):
-    harness.close_gate()
-    before = len(started_markers(harness.gate))
+    before = harness.close_gate()
     with harness.client() as client:
         job = client.submit("clip.mp4", "tone.wav", engine="preview", options=LOSSLESS)
         marker = harness.wait_for_attempt(before + 1)
@@ -142,8 +151,7 @@ def test_s8_2_a_killed_worker_is_retried(harness):
 
 
 def test_s8_2_a_job_whose_worker_keeps_dying_fails_with_the_reason(harness):
-    harness.close_gate()
-    before = len(started_markers(harness.gate))
+    before = harness.close_gate()
     with harness.client() as client:
         job = client.submit("clip.mp4", "tone.wav", engine="preview")
         for attempt in (1, 2):
@@ -155,11 +163,8 @@ def test_s8_2_a_job_whose_worker_keeps_dying_fails_with_the_reason(harness):
 
 
 def test_s4_5_cancel_a_queued_and_a_running_job(harness):
-    harness.close_gate()
-    before = len(started_markers(harness.gate))
     with harness.client() as client:
-        running = client.submit("clip.mp4", "tone.wav", engine="preview")
-        harness.wait_for_attempt(before + 1)
+        running, before = harness.hold_running_job(client)
         queued = client.submit("clip.mp4", "tone.wav", engine="preview")
         assert client.status()["queue"] == [queued]
         with pytest.raises(ProtocolError) as err:
@@ -175,11 +180,8 @@ def test_s4_5_cancel_a_queued_and_a_running_job(harness):
 
 
 def test_s4_3_higher_priority_runs_first_then_submission_order(harness):
-    harness.close_gate()
-    before = len(started_markers(harness.gate))
     with harness.client() as client:
-        running = client.submit("clip.mp4", "tone.wav", engine="preview")
-        harness.wait_for_attempt(before + 1)
+        running, _ = harness.hold_running_job(client)
         low = client.submit("clip.mp4", "tone.wav", engine="preview", priority=0)
         high = [client.submit("clip.mp4", "tone.wav", engine="preview", priority=5) for _ in range(2)]
         assert client.status()["queue"] == [*high, low]

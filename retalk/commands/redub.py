@@ -27,17 +27,22 @@ def add_render_options(parser: argparse.ArgumentParser) -> None:
     ``retalk_protocol.options``, then where the work runs."""
     job_options.add_arguments(parser)
     parser.add_argument("--checkpoints", type=Path, help="folder with the official checkpoint files")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="the networks' arithmetic: fp32 (default), bf16, or fp16 on CUDA (faster, slightly different)",
+    add_device_options(
+        parser,
+        precision_help="the networks' arithmetic: fp32 (default), bf16, or fp16 on CUDA "
+        "(faster, slightly different)",
     )
     parser.add_argument("--cache-dir", type=Path, help="default: the user cache folder")
     parser.add_argument(
         "--json", action="store_true", help="JSON lines on stdout: progress events, then the result"
     )
+
+
+def add_device_options(parser: argparse.ArgumentParser, *, precision_help: str) -> None:
+    """Where the networks run and in which arithmetic: ``--device`` and ``--precision`` (redub, demo and
+    selftest take them)."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=precision_help)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from retalk.commands import add_command
-from retalk.device import PRECISIONS
+from retalk.commands.redub import add_device_options
 
 # Filling and loading the synthetic weights dominates the time: the compact set (1.8 GB of weights) took 241 s
 # on a 2-core CPU, the full set about as long.
@@ -30,12 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check the neural engine stage by stage against a recorded reference run in DIR "
         "(e.g. ../shared/reference/pipeline) instead of the networks against the golden outputs",
     )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="check the networks under 16-bit autocast (bf16, or fp16 on CUDA) with a relaxed rel L2 rule",
+    add_device_options(
+        parser,
+        precision_help="check the networks under 16-bit autocast (bf16, or fp16 on CUDA) "
+        "with a relaxed rel L2 rule",
     )
     parser.add_argument(
         "--keep",

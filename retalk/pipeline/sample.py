@@ -50,11 +50,16 @@ def sample_frames(n_frames: int, size: tuple[int, int] = (640, 480)) -> np.ndarr
 
 
 def write_sample_clip(
-    path: Path, *, seconds: float = 4.0, rate: Fraction = Fraction(25), codec: str = "h264"
+    path: Path,
+    *,
+    seconds: float = 4.0,
+    rate: Fraction = Fraction(25),
+    codec: str = "h264",
+    size: tuple[int, int] = (640, 480),
 ) -> Path:
-    """A silent sample shot of ``seconds`` at ``rate``."""
+    """A silent sample shot of ``seconds`` at ``rate``, ``size`` = (width, height)."""
     n_frames = max(round(Fraction(seconds) * rate), 1)
-    frames = sample_frames(n_frames)
+    frames = sample_frames(n_frames, size)
     with media.VideoWriter(
         path, width=frames.shape[2], height=frames.shape[1], rate=rate, codec=codec
     ) as writer:
