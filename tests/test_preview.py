@@ -108,6 +108,29 @@ def test_an_exemplar_mouth_keeps_the_colour_of_the_face_it_is_pasted_on(still_fa
     assert np.abs(shift).max() < 0.05 * plain[lips].mean()  # without matching: +30 %
 
 
+def test_the_face_moves_with_the_opening_as_the_person_moves_it(still_face):
+    """A clip whose jaw drops half of each opening and whose upper lip rises a fifth of it teaches exactly that,
+    and the pose follows it; a mouth that hardly moves teaches nothing (the default motion)."""
+    _, lm = still_face
+    _, uy, eye = mouths.face_axes(lm)
+    openings = np.linspace(0.0, 0.2, 30) * eye  # pixels
+    faces = np.repeat(lm[None].astype(np.float64), 30, axis=0)
+    lower, upper = [56, 57, 58, 65, 66, 67], [50, 51, 52, 61, 62, 63]
+    faces[:, lower] += (0.8 * openings)[:, None, None] * uy
+    faces[:, upper] -= (0.2 * openings)[:, None, None] * uy
+    faces[:, 8] += (0.5 * openings)[:, None] * uy
+    motion = mouths.opening_motion(faces)
+    assert motion[8] == pytest.approx(0.5, abs=0.02)
+    assert motion[62] == pytest.approx(-0.2, abs=0.02) and motion[66] == pytest.approx(0.8, abs=0.02)
+    assert not motion[17:48].any()  # brows, nose and eyes never move
+    posed, default = pose_mouth(lm, 1.0, 0.0, motion), pose_mouth(lm, 1.0, 0.0)
+    drop = (posed[8] - lm[8]) @ uy / ((posed[66] - posed[62]) @ uy - (lm[66] - lm[62]) @ uy)
+    assert drop == pytest.approx(0.5, abs=0.05)
+    assert (posed[8] - lm[8]) @ uy < 0.7 * ((default[8] - lm[8]) @ uy)  # the default drops the chin all the way
+    still = np.repeat(lm[None].astype(np.float64), 30, axis=0) + np.linspace(0, 0.005, 30)[:, None, None] * eye
+    assert mouths.opening_motion(still) is mouths.DEFAULT_MOTION
+
+
 def _index(frames, openings, doubt=None):
     """An index of exemplars at source ``frames`` with these openings (no pixels needed for the choice)."""
     k = len(frames)
@@ -120,6 +143,7 @@ def _index(frames, openings, doubt=None):
         np.zeros(k) if doubt is None else np.asarray(doubt),
         np.zeros((68, 2)),
         0.2,
+        mouths.DEFAULT_MOTION,
     )
 
 

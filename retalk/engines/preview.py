@@ -25,6 +25,7 @@ from scipy.spatial import Delaunay
 from retalk.engines import SourceClip, options_ignored_by
 from retalk.engines.mouths import (
     CACHE_KIND,
+    DEFAULT_MOTION,
     INNER_LIP,
     INNER_LOWER,
     INNER_UPPER,
@@ -42,22 +43,6 @@ from retalk.engines.mouths import (
     patch_transform,
 )
 
-
-def _per_point(weights: dict[int, float]) -> np.ndarray:
-    out = np.zeros(68)
-    out[list(weights)] = list(weights.values())
-    return out
-
-
-# How far each point moves with the jaw, as a fraction of the inner lower lip's move: chin and jaw line,
-# lower lip, mouth corners (the inner lower lip itself is placed exactly, see pose_mouth).
-FOLLOW = _per_point(
-    {4: 0.15, 5: 0.35, 6: 0.6, 7: 0.85, 8: 1.0, 9: 0.85, 10: 0.6, 11: 0.35, 12: 0.15}
-    | {48: 0.3, 54: 0.3, 60: 0.3, 64: 0.3, 55: 0.8, 59: 0.8, 56: 1.0, 57: 1.0, 58: 1.0}
-    | {65: 1.0, 66: 1.0, 67: 1.0}
-)
-# How far the upper lip rises as the mouth opens, as a fraction of the opening.
-LIFT = _per_point({49: 0.06, 50: 0.1, 51: 0.1, 52: 0.1, 53: 0.06, 61: 0.12, 62: 0.12, 63: 0.12})
 
 MAX_OPEN = 0.30  # largest inner-lip gap, in eye distances (about 18 mm for a 62 mm eye distance)
 # The engine opens the mouth for the loudest sound as wide as the person does (MouthIndex.reach), at least this:
@@ -131,14 +116,17 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     )
 
 
-def pose_mouth(lm: np.ndarray, openness: float, width: float) -> np.ndarray:
-    """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``."""
+def pose_mouth(
+    lm: np.ndarray, openness: float, width: float, motion: np.ndarray = DEFAULT_MOTION
+) -> np.ndarray:
+    """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``;
+    each point moves down the face by ``motion`` (see :func:`retalk.engines.mouths.opening_motion`) times the
+    change of opening."""
     ux, uy, eye_distance = face_axes(lm)
     out = lm.astype(np.float64).copy()
     opening = openness * MAX_OPEN * eye_distance
     shift = opening - inner_lip_gap(lm)  # close what was open, then open to the new gap
-    out += np.outer(FOLLOW * shift, uy)
-    out -= np.outer(LIFT * opening, uy)
+    out += np.outer(motion * shift, uy)
     # each inner-lower point exactly `opening` below its partner (a hair more, so no triangle collapses)
     pair_gap = (out[INNER_LOWER] - out[INNER_UPPER]) @ uy
     out[INNER_LOWER] += np.outer(opening + MIN_GAP * eye_distance - pair_gap, uy)
@@ -318,15 +306,17 @@ def render_frame(
     out: np.ndarray | None = None,
     mouth: Mouth | None = None,
     synthesis: float = 0.0,
+    motion: np.ndarray = DEFAULT_MOTION,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
-    exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``;
+    exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
+    face moving with the opening as ``motion`` says (:func:`pose_mouth`);
     without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
     the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)
-    posed = pose_mouth(lm, openness, width)
+    posed = pose_mouth(lm, openness, width, motion)
     src = np.r_[lm[moving], ring]
     dst = np.r_[posed[moving], ring]
     x0, y0 = np.floor(np.minimum(src.min(0), dst.min(0))).astype(int)
@@ -411,7 +401,7 @@ class PreviewEngine:
         drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
         targets = np.array(
             [
-                mouth_shapes(pose_mouth(index.rest, o, w))
+                mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
                 for o, w in zip(drive.openness, drive.width, strict=True)
             ]
         ).reshape(-1, 3)
@@ -448,5 +438,6 @@ class PreviewEngine:
                     out=out[k],
                     mouth=self.index.mouth(plan.exemplar[i]),
                     synthesis=plan.synthesis[i],
+                    motion=self.index.motion,
                 )
         return out
