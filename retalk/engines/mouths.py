@@ -197,7 +197,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     and the detector's own); the points are their mean, and how far the two openings differ is the
     exemplar's doubt: the choice avoids mouths whose lips the model cannot pin down."""
     track = clip.track
-    frames = select_exemplars(track.found, mouth_shapes(track.landmarks)[:, 0])
+    openings = np.zeros(len(track))  # faceless frames have no eyes to measure by (and are no candidates)
+    openings[track.found] = mouth_shapes(track.landmarks[track.found])[:, 0]
+    frames = select_exemplars(track.found, openings)
     width, height = PATCH_SIZE
     patches = np.empty((len(frames), height, width, 3), np.uint8)
     landmarks = np.empty((len(frames), 68, 2))

@@ -399,6 +399,9 @@ class PreviewEngine:
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
         drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
+            self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
+            return []
         targets = np.array(
             [
                 mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
@@ -406,10 +409,8 @@ class PreviewEngine:
             ]
         ).reshape(-1, 3)
         exemplar = choose_mouths(index, targets)
-        synthesis = np.zeros(n_frames)
-        if len(index):  # else no frame has a face: nothing will be rendered
-            stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
-            synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
+        stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
+        synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
         self.plan = MouthPlan(drive, targets, exemplar, synthesis)
         synthesised = int(np.count_nonzero(synthesis))
         if not synthesised:
