@@ -9,8 +9,10 @@ job (``retalk.pipeline.segments``).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -41,6 +43,9 @@ from retalk.tracking import (
 ANALYSIS_RATE = 16000  # what engines hear (the reference's mel features are computed at 16 kHz)
 OUTPUT_AUDIO_RATE = 48000  # what the output file carries
 CHUNK_FRAMES = 16
+# Chunks decoded ahead of the renderer, and rendered chunks waiting for the encoder: decoding and encoding run
+# on their own threads beside rendering (the engine never waits for I/O), in memory bounded by a few chunks.
+QUEUED_CHUNKS = 1
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this everywhere, the audio is treated as silent
 TRACK_CACHE = "tracks"
 REQUEST_DEFAULTS = {field.name: field.default for field in fields(RedubRequest)}
@@ -114,6 +119,86 @@ class _FrameReader:
         return frames[np.searchsorted(wanted, indices)]
 
 
+_END = object()  # the end of a queue's items
+
+
+def _decoded_ahead(produce: Iterable, depth: int = QUEUED_CHUNKS) -> Iterator:
+    """The items of ``produce``, made on a thread up to ``depth`` items ahead of the consumer. What the thread
+    raises is raised here; when the consumer stops (finished, failed or cancelled: the generator is closed),
+    the thread stops after the item it is making, before this returns."""
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in produce:
+                items.put((item, None))
+                if stop.is_set():
+                    return
+            items.put((_END, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            items.put((_END, err))
+
+    thread = threading.Thread(target=run, name="retalk-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = items.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while True:  # room for the thread's last put: it then sees stop and ends
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                break
+        thread.join()
+
+
+class _EncodedBehind:
+    """``write(item)`` for each item put, on a thread up to ``depth`` items behind the producer. ``finish``
+    waits for the last write; what a write raised is raised by the next ``put`` or by ``finish``; ``discard``
+    (the producer failed) drops what is queued. Either way the thread has ended when they return."""
+
+    def __init__(self, write: Callable[[object], None], depth: int = QUEUED_CHUNKS) -> None:
+        self._write = write
+        self._items: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._run, name="retalk-encode", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not _END:
+            if self._error is None and not self._dropping:
+                try:
+                    self._write(item)
+                except BaseException as err:  # noqa: BLE001 - raised in the producer's thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, item: object) -> None:
+        self._raise()
+        self._items.put(item)  # the thread takes every item, written or not: this never blocks for good
+
+    def finish(self) -> None:
+        self._items.put(_END)
+        self._thread.join()
+        self._raise()
+
+    def discard(self) -> None:
+        self._dropping = True
+        self._items.put(_END)
+        self._thread.join()
+
+
 class _Stages:
     """Progress events and wall time per stage; the cancel check between units of work."""
 
@@ -136,16 +221,17 @@ class _Stages:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _read_new_audio(request: RedubRequest, sample_rate: int, duration: Fraction | None) -> np.ndarray:
-    wav = media.read_audio(
-        request.audio, start=request.audio_offset, duration=duration, sample_rate=sample_rate
+def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> tuple[np.ndarray, np.ndarray]:
+    """The new audio at ANALYSIS_RATE and at OUTPUT_AUDIO_RATE, from one decode."""
+    wav, wav_out = media.read_audio_rates(
+        request.audio, (ANALYSIS_RATE, OUTPUT_AUDIO_RATE), start=request.audio_offset, duration=duration
     )
     if len(wav) == 0:
         raise InputError(
             f"--audio {request.audio}: no audio after --audio-offset {float(request.audio_offset)} s "
             "(the file is empty or shorter than the offset)"
         )
-    return wav
+    return wav, wav_out
 
 
 def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
@@ -244,20 +330,52 @@ class PreparedRedub:
     def frames(self) -> int:
         return self.timeline.frames
 
-    def render(self, a: int, b: int) -> Iterator[np.ndarray]:
-        """Output frames [a, b), chunk by chunk (reported as stage ``render``, done out of ``b - a``)."""
-        frame_map, clip = self.timeline.frame_map, self.clip
-        reader = _FrameReader(clip.path, clip.end)
+    def _decode(self, a: int, b: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(c, d, source frames of output frames [c, d)) for each chunk of [a, b)."""
+        frame_map = self.timeline.frame_map
+        reader = _FrameReader(self.clip.path, self.clip.end)
         for c in range(a, b, CHUNK_FRAMES):
             d = min(c + CHUNK_FRAMES, b)
             with self.stages.timed("decode"):
                 frames = reader.read(frame_map[c:d])
-            with self.stages.timed("render"):
-                rendered = self.engine.render_chunk(frames, frame_map[c:d], np.arange(c, d))
-                faceless = ~clip.track.found[frame_map[c:d] - clip.start]
-                rendered[faceless] = frames[faceless]
-            yield rendered
-            self.stages.emit("render", d - a, b - a)
+            yield c, d, frames
+
+    def render(self, a: int, b: int) -> Iterator[np.ndarray]:
+        """Output frames [a, b), chunk by chunk (reported as stage ``render``, done out of ``b - a``); the
+        next chunk decodes on a thread while this one renders. Stage seconds are each stage's own time, so
+        decode's overlaps render's."""
+        frame_map, clip = self.timeline.frame_map, self.clip
+        chunks = _decoded_ahead(self._decode(a, b))
+        try:
+            for c, d, frames in chunks:
+                with self.stages.timed("render"):
+                    rendered = self.engine.render_chunk(frames, frame_map[c:d], np.arange(c, d))
+                    faceless = ~clip.track.found[frame_map[c:d] - clip.start]
+                    rendered[faceless] = frames[faceless]
+                yield rendered
+                self.stages.emit("render", d - a, b - a)
+        finally:
+            chunks.close()  # stops the decoding thread now, also when the consumer stops early
+
+    def encode(self, writer: media.VideoWriter, a: int, b: int) -> None:
+        """Output frames [a, b) rendered into ``writer``, each chunk encoded on a thread while the next one
+        renders (stage ``encode``); on any failure, or a cancel, nothing more is written and the error is
+        raised once both threads have ended (the caller then aborts the writer)."""
+
+        def write(rendered: np.ndarray) -> None:
+            with self.stages.timed("encode"):
+                writer.write(rendered)
+
+        behind = _EncodedBehind(write)
+        chunks = self.render(a, b)
+        try:
+            for rendered in chunks:
+                behind.put(rendered)
+        except BaseException:
+            chunks.close()  # a failed write stops the decoding thread too
+            behind.discard()
+            raise
+        behind.finish()
 
     def writer(self, path: Path, codec: str, *, audio: bool = True) -> media.VideoWriter:
         """A writer of this job's frames into ``path``, with the new audio unless ``audio`` is False."""
@@ -271,6 +389,7 @@ class PreparedRedub:
             color=info.color,
             audio=self.wav_out if audio else None,
             audio_rate=OUTPUT_AUDIO_RATE,
+            fast=self.engine.name == "preview",  # a preview is looked at once: encode it fast
         )
 
     def result(self) -> RedubResult:
@@ -313,13 +432,12 @@ def prepare(
         start, end = request.frame_range(info.frame_count)
         # --fit video needs the range's length of audio (a second more tells whether some is cut)
         needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
-        wav16k = _read_new_audio(request, ANALYSIS_RATE, needed)
+        wav16k, wav_out = _read_new_audio(request, needed)
         if np.abs(wav16k).max() < SILENCE_PEAK:
             raise InputError(
                 f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
                 "check the file and --audio-offset"
             )
-        wav_out = _read_new_audio(request, OUTPUT_AUDIO_RATE, needed)
         engine, engine_warnings = choose_engine(request)
         warnings += engine_warnings
         tracker, tracker_warnings = choose_tracker(request, engine.name)
@@ -383,9 +501,7 @@ def render_and_encode(job: PreparedRedub) -> RedubResult:
     stages.emit("render", 0, job.frames)
     writer = job.writer(request.output, request.codec)
     try:
-        for rendered in job.render(0, job.frames):
-            with stages.timed("encode"):
-                writer.write(rendered)
+        job.encode(writer, 0, job.frames)
         stages.emit("encode", 0, 1)
         with stages.timed("encode"):
             writer.close()  # the file appears whole, or (abort below) not at all
