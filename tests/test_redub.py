@@ -18,7 +18,7 @@ from retalk import media
 from retalk.cache import ArtifactCache, cache_key
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline import ProgressEvent, RedubRequest, redub
-from retalk.pipeline.redub import _decoded_ahead, prepare, render_and_encode
+from retalk.pipeline.redub import _Ahead, prepare, render_and_encode
 from retalk.tracking import track_faces
 
 OUT_SR = 48000  # the sample rate redub writes
@@ -127,6 +127,10 @@ def test_second_take_hits_the_tracking_cache_and_changed_pixels_miss_it(tmp_path
     assert uncached.cache_hits == [] and not (tmp_path / "other").exists()
 
 
+def pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name in ("retalk-hash", "retalk-decode", "retalk-encode")]
+
+
 def write_wav(path, samples, subtype="FLOAT"):
     soundfile.write(path, np.asarray(samples, np.float32), 16000, subtype=subtype)
     return path
@@ -151,6 +155,7 @@ def test_bad_audio_is_refused_with_one_line_and_no_output(tmp_path, clip, cache_
     if case == "silent":
         assert "silent" in message
     assert [p.name for p in tmp_path.iterdir()] == ["bad.wav"]
+    assert pipeline_threads() == []  # the video's hashing, begun beside the audio read, stopped with it
 
 
 def test_bad_video_and_range_are_refused_with_no_output(tmp_path, clip, cache_dir):
@@ -173,10 +178,6 @@ def test_bad_video_and_range_are_refused_with_no_output(tmp_path, clip, cache_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.mp4", "line.wav", "mute.mp4"]
 
 
-def pipeline_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("retalk-decode", "retalk-encode")]
-
-
 def test_cancel_midway_leaves_nothing(tmp_path, clip, cache_dir):
     audio = write_tone(tmp_path / "line.wav", 2.0)
     seen: list[ProgressEvent] = []
@@ -195,9 +196,9 @@ def test_decoding_ahead_raises_the_threads_error_and_stops_when_the_consumer_doe
         raise MediaError("frame 1 could not be decoded")
 
     with pytest.raises(MediaError, match="frame 1"):
-        list(_decoded_ahead(failing()))
+        list(_Ahead(failing()))
     made = []
-    endless = _decoded_ahead(made.append(i) or i for i in itertools.count())
+    endless = iter(_Ahead(made.append(i) or i for i in itertools.count()))
     assert [next(endless) for _ in range(3)] == [0, 1, 2]
     endless.close()
     assert pipeline_threads() == []

@@ -108,55 +108,61 @@ class _FrameReader:
             self._frames, self._first = chunk.frames, chunk.start
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Frames ``indices`` (any order, repeats allowed) as (n, H, W, 3) uint8 RGB."""
+        """Frames ``indices`` (any order, repeats allowed) as (n, H, W, 3) uint8 RGB: for consecutive
+        indices within one decoded chunk (a plain play-through), a view of it, without a copy."""
         wanted = np.unique(indices)
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-        parts = [
-            np.concatenate(list(self._span(int(run[0]), int(run[-1]) + 1)))
-            for run in np.split(wanted, breaks)
-        ]
-        frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        parts = [list(self._span(int(run[0]), int(run[-1]) + 1)) for run in np.split(wanted, breaks)]
+        if len(parts) == 1 and len(parts[0]) == 1 and np.array_equal(wanted, indices):
+            return parts[0][0]
+        frames = np.concatenate([piece for part in parts for piece in part])
         return frames[np.searchsorted(wanted, indices)]
 
 
 _END = object()  # the end of a queue's items
 
 
-def _decoded_ahead(produce: Iterable, depth: int = QUEUED_CHUNKS) -> Iterator:
-    """The items of ``produce``, made on a thread up to ``depth`` items ahead of the consumer. What the thread
-    raises is raised here; when the consumer stops (finished, failed or cancelled: the generator is closed),
-    the thread stops after the item it is making, before this returns."""
-    items: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
+class _Ahead:
+    """The items of ``produce``, made on a thread (started now) up to ``depth`` items ahead of whoever iterates
+    this. What the thread raises is raised to the iterating thread; ``close`` (also when iterating stops early:
+    failed or cancelled) stops the thread after the item it is making, and returns once it has ended."""
 
-    def run() -> None:
+    def __init__(self, produce: Iterable, depth: int = QUEUED_CHUNKS, name: str = "retalk-decode") -> None:
+        self._items: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Iterable) -> None:
         try:
             for item in produce:
-                items.put((item, None))
-                if stop.is_set():
+                self._items.put((item, None))
+                if self._stop.is_set():
                     return
-            items.put((_END, None))
+            self._items.put((_END, None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-            items.put((_END, err))
+            self._items.put((_END, err))
 
-    thread = threading.Thread(target=run, name="retalk-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = items.get()
-            if item is _END:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        while True:  # room for the thread's last put: it then sees stop and ends
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                item, err = self._items.get()
+                if item is _END:
+                    if err is not None:
+                        raise err
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # room for the thread's last put: it then sees the stop and ends
             try:
-                items.get_nowait()
+                self._items.get_nowait()
             except queue.Empty:
                 break
-        thread.join()
+        self._thread.join()
 
 
 class _EncodedBehind:
@@ -234,12 +240,11 @@ def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> tuple[n
     return wav, wav_out
 
 
-def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
-    hasher = FrameHasher()
+def _hash_frames(path: Path, start: int, end: int, hasher: FrameHasher) -> Iterator[int]:
+    """Frames [start, end) into ``hasher``, chunk by chunk; after each, how many are done."""
     for chunk in media.iter_frames(path, start, end, chunk_size=CHUNK_FRAMES):
         hasher.update(chunk.frames)
-        stages.emit("hash", chunk.start + len(chunk.frames) - start, end - start)
-    return hasher.hexdigest()
+        yield chunk.start + len(chunk.frames) - start
 
 
 def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
@@ -345,7 +350,7 @@ class PreparedRedub:
         next chunk decodes on a thread while this one renders. Stage seconds are each stage's own time, so
         decode's overlaps render's."""
         frame_map, clip = self.timeline.frame_map, self.clip
-        chunks = _decoded_ahead(self._decode(a, b))
+        chunks = _Ahead(self._decode(a, b))
         try:
             for c, d, frames in chunks:
                 with self.stages.timed("render"):
@@ -430,47 +435,60 @@ def prepare(
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
-        # --fit video needs the range's length of audio (a second more tells whether some is cut)
-        needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
-        wav16k, wav_out = _read_new_audio(request, needed)
-        if np.abs(wav16k).max() < SILENCE_PEAK:
-            raise InputError(
-                f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
-                "check the file and --audio-offset"
+    # the content hash of stage 3 decodes on a thread from here on, beside the audio read and the plan
+    hasher = FrameHasher() if content_key is None else None
+    hashing = None
+    if hasher is not None:
+        chunks = -(-(end - start) // CHUNK_FRAMES)
+        hashing = _Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
+    try:
+        with stages.timed("check"):
+            # --fit video needs the range's length of audio (a second more tells whether some is cut)
+            needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
+            wav16k, wav_out = _read_new_audio(request, needed)
+            if np.abs(wav16k).max() < SILENCE_PEAK:
+                raise InputError(
+                    f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
+                    "check the file and --audio-offset"
+                )
+            engine, engine_warnings = choose_engine(request)
+            warnings += engine_warnings
+            tracker, tracker_warnings = choose_tracker(request, engine.name)
+            warnings += tracker_warnings
+            warnings += [
+                f"--{name.replace('_', '-')} {getattr(request, name)} has no effect with the {engine.name} engine"
+                for name in engine.ignores
+                if getattr(request, name) != REQUEST_DEFAULTS[name]
+            ]
+            stages.emit("check", 1, 1)
+
+        # 2. plan the output timeline: frame map and sample-exact audio lengths
+        with stages.timed("plan"):
+            timeline: Timeline = plan_timeline(
+                start=start,
+                end=end,
+                rate=info.rate,
+                audio_samples=len(wav16k),
+                sample_rate=ANALYSIS_RATE,
+                fit=request.fit,
+                extend=request.extend,
+                audio_complete=needed is None or len(wav16k) < round(needed * ANALYSIS_RATE),
             )
-        engine, engine_warnings = choose_engine(request)
-        warnings += engine_warnings
-        tracker, tracker_warnings = choose_tracker(request, engine.name)
-        warnings += tracker_warnings
-        warnings += [
-            f"--{name.replace('_', '-')} {getattr(request, name)} has no effect with the {engine.name} engine"
-            for name in engine.ignores
-            if getattr(request, name) != REQUEST_DEFAULTS[name]
-        ]
-        stages.emit("check", 1, 1)
+            warnings += timeline.warnings
+            n_out = timeline.frames
+            wav16k = fit_audio(wav16k, timeline.audio_samples)
+            wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
 
-    # 2. plan the output timeline: frame map and sample-exact audio lengths
-    with stages.timed("plan"):
-        timeline: Timeline = plan_timeline(
-            start=start,
-            end=end,
-            rate=info.rate,
-            audio_samples=len(wav16k),
-            sample_rate=ANALYSIS_RATE,
-            fit=request.fit,
-            extend=request.extend,
-            audio_complete=needed is None or len(wav16k) < round(needed * ANALYSIS_RATE),
-        )
-        warnings += timeline.warnings
-        n_out = timeline.frames
-        wav16k = fit_audio(wav16k, timeline.audio_samples)
-        wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
-
-    # 3. track faces (video-only: cached by decoded content, never by file name)
+        # 3. track faces (video-only: cached by decoded content, never by file name)
+        if hashing is not None:
+            with stages.timed("hash"):
+                for done in hashing:
+                    stages.emit("hash", done, end - start)
+            content_key = hasher.hexdigest()
+    finally:
+        if hashing is not None:
+            hashing.close()  # bad audio, a cancel: the hashing thread stops too
     cache = ArtifactCache(request.cache_dir) if request.use_cache else None
-    if content_key is None:
-        with stages.timed("hash"):
-            content_key = _content_key(request.video, start, end, stages)
     with stages.timed("track"):
         track, hit = _track(request, tracker, start, end, content_key, cache, stages)
         if hit:
