@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import itertools
 import math
 import os
@@ -20,7 +21,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import librosa
 import numpy as np
 
 from retalk.errors import InputError, MediaError
@@ -475,7 +475,7 @@ def read_audio(
     """Mono float32 samples at `sample_rate` from any file with an audio stream, cut sample-exactly.
 
     The first sample is ``round(start * sample_rate)`` of the whole file resampled (as librosa.load does:
-    channels averaged, resampy kaiser_best), and at most ``round(duration * sample_rate)`` samples follow.
+    channels averaged, resampy kaiser_best: :func:`resample_kaiser_best`), and at most ``round(duration * sample_rate)`` samples follow.
     A file that ends early gives fewer samples (none if `start` is past the end): padding or refusing a short
     audio is the caller's policy. Only the requested range (plus a resampler margin) is kept in memory.
     """
@@ -548,10 +548,74 @@ def _resample(
     ratio = Fraction(sample_rate, source_rate)
     if math.floor(len(source) * ratio) < 1:  # nothing (or less than one output sample) left from `start` on
         return np.zeros(0, dtype=np.float32)
-    resampled = librosa.resample(source, orig_sr=source_rate, target_sr=sample_rate, res_type="kaiser_best")
+    resampled = resample_kaiser_best(source, source_rate, sample_rate)
     offset = round(start * sample_rate) - int(window_start * ratio)
     stop = None if duration is None else offset + round(Fraction(duration) * sample_rate)
     return np.ascontiguousarray(resampled[offset:stop], dtype=np.float32)
+
+
+@functools.cache
+def _kaiser_best_filter() -> tuple[np.ndarray, int]:
+    """resampy's kaiser_best filter: the right wing of the windowed sinc and its samples per zero crossing
+    (read from its package data without importing resampy, which brings numba)."""
+    spec = importlib.util.find_spec("resampy")
+    if spec is None or not spec.submodule_search_locations:
+        raise MediaError(
+            "resampy is not installed: pip install resampy (its kaiser_best filter resamples audio)"
+        )
+    with np.load(Path(spec.submodule_search_locations[0]) / "data" / "kaiser_best.npz") as data:
+        return data["half_window"], int(data["precision"])
+
+
+RESAMPLE_BLOCK = 1 << 16  # output samples computed at once: temporaries stay a few MB for any length
+
+
+def resample_kaiser_best(x: np.ndarray, source_rate: int, rate: int) -> np.ndarray:
+    """``librosa.resample(x, orig_sr=source_rate, target_sr=rate, res_type="kaiser_best")`` bit for bit:
+    resampy's band-limited interpolation, each output sample the same float64 sum over the filter's taps in the
+    same order, vectorised over the output samples in numpy. (resampy runs it through numba, which compiles it
+    in every new process: seconds before the first sample, more than a short line takes here.)"""
+    if source_rate == rate:
+        return x
+    half_window, precision = _kaiser_best_filter()
+    ratio = float(rate) / source_rate
+    count = int(len(x) * float(rate) / float(source_rate))
+    window = ratio * half_window if ratio < 1 else half_window  # downsampling: the filter's cut-off drops
+    delta = np.diff(window, append=window[-1])
+    scale = min(1.0, ratio)
+    step = int(scale * precision)
+    source = x.astype(np.float64)
+    times = np.arange(count) * (1.0 / ratio)
+    out = np.zeros(count, x.dtype)
+    for a in range(0, count, RESAMPLE_BLOCK):
+        t = times[a : a + RESAMPLE_BLOCK]
+        at = t.astype(np.int64)  # the input sample at or before each output time
+        acc = out[a : a + RESAMPLE_BLOCK]
+        frac = scale * (t - at)
+        # the left wing runs back from sample `at`, then the right wing forward from `at + 1`
+        for wing_frac, taps_max, direction, first in (
+            (frac, at + 1, -1, at),
+            (scale - frac, len(x) - at - 1, 1, at + 1),
+        ):
+            index = wing_frac * precision
+            offset = index.astype(np.int64)
+            eta = index - offset
+            taps = np.minimum(taps_max, (len(window) - offset) // step)
+            for i in range(int(taps.max(initial=0))):
+                tap = np.minimum(offset + i * step, len(window) - 1)
+                term = (window[tap] + eta * delta[tap]) * source[
+                    np.clip(first + direction * i, 0, len(x) - 1)
+                ]
+                if i >= taps.min():
+                    term[i >= taps] = (
+                        0.0  # past this sample's wing (adding 0 leaves the float32 sum as it is)
+                    )
+                np.add(
+                    acc, term, out=acc, casting="unsafe"
+                )  # float64 sum, stored as float32, as resampy does
+    # librosa's fix_length: ceil(len * ratio) samples, zero-padded at the end
+    length = int(np.ceil(len(x) * ratio))
+    return np.concatenate([out[:length], np.zeros(max(length - count, 0), x.dtype)])
 
 
 def _decode_mono(

@@ -263,6 +263,25 @@ def test_audio_at_several_rates_from_one_decode_is_each_rates_own_read(media_dir
             np.testing.assert_array_equal(got, alone)
 
 
+@pytest.mark.parametrize(
+    "rates, length",
+    [
+        ((44100, 16000), 44100 * 3 + 17),
+        ((44100, 48000), 88205),
+        ((16000, 48000), 1601),
+        ((48000, 16000), 4800),
+        ((22050, 16000), 3),
+        ((8000, 16000), 100),
+    ],
+)
+def test_resampling_is_librosas_kaiser_best_bit_for_bit(rates, length):
+    import librosa  # the reference's resampler, through numba: only here, never on the pipeline's path
+
+    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    expected = librosa.resample(x, orig_sr=rates[0], target_sr=rates[1], res_type="kaiser_best")
+    np.testing.assert_array_equal(media.resample_kaiser_best(x, *rates), expected)
+
+
 def test_audio_past_the_end_is_short_not_padded(tmp_path):
     path = write_tone(tmp_path / "tone.wav", 1.0)
     assert len(media.read_audio(path, start=Fraction(1, 2), duration=Fraction(2))) == 8000
