@@ -13,9 +13,11 @@ import importlib.util
 import itertools
 import math
 import os
+import queue
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -446,6 +448,52 @@ def iter_frames(
                 buffer, times, chunk_start = None, [], position + 1
             if position + 1 == end:
                 return
+
+
+_AHEAD_END = object()
+
+
+class Ahead:
+    """The items of ``produce``, made on a thread (started now) up to ``depth`` items ahead of whoever iterates
+    this. What the thread raises is raised to the iterating thread; ``close`` (also when iterating stops early:
+    failed or cancelled) stops the thread after the item it is making, and returns once it has ended."""
+
+    def __init__(self, produce: Iterable, depth: int = 1, name: str = "retalk-decode") -> None:
+        self._items: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Iterable) -> None:
+        try:
+            for item in produce:
+                self._items.put((item, None))
+                if self._stop.is_set():
+                    return
+            self._items.put((_AHEAD_END, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._items.put((_AHEAD_END, err))
+
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                item, err = self._items.get()
+                if item is _AHEAD_END:
+                    if err is not None:
+                        raise err
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # room for the thread's last put: it then sees the stop and ends
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
 
 
 def read_frames(path: str | os.PathLike, start: int, end: int) -> np.ndarray:

@@ -126,8 +126,12 @@ def test_the_face_moves_with_the_opening_as_the_person_moves_it(still_face):
     posed, default = pose_mouth(lm, 1.0, 0.0, motion), pose_mouth(lm, 1.0, 0.0)
     drop = (posed[8] - lm[8]) @ uy / ((posed[66] - posed[62]) @ uy - (lm[66] - lm[62]) @ uy)
     assert drop == pytest.approx(0.5, abs=0.05)
-    assert (posed[8] - lm[8]) @ uy < 0.7 * ((default[8] - lm[8]) @ uy)  # the default drops the chin all the way
-    still = np.repeat(lm[None].astype(np.float64), 30, axis=0) + np.linspace(0, 0.005, 30)[:, None, None] * eye
+    assert (posed[8] - lm[8]) @ uy < 0.7 * (
+        (default[8] - lm[8]) @ uy
+    )  # the default drops the chin all the way
+    still = (
+        np.repeat(lm[None].astype(np.float64), 30, axis=0) + np.linspace(0, 0.005, 30)[:, None, None] * eye
+    )
     assert mouths.opening_motion(still) is mouths.DEFAULT_MOTION
 
 

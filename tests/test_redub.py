@@ -18,7 +18,7 @@ from retalk import media
 from retalk.cache import ArtifactCache, cache_key
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline import ProgressEvent, RedubRequest, redub
-from retalk.pipeline.redub import _Ahead, prepare, render_and_encode
+from retalk.pipeline.redub import prepare, render_and_encode
 from retalk.tracking import track_faces
 
 OUT_SR = 48000  # the sample rate redub writes
@@ -128,7 +128,9 @@ def test_second_take_hits_the_tracking_cache_and_changed_pixels_miss_it(tmp_path
 
 
 def pipeline_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("retalk-hash", "retalk-decode", "retalk-encode")]
+    return [
+        t.name for t in threading.enumerate() if t.name in ("retalk-hash", "retalk-decode", "retalk-encode")
+    ]
 
 
 def write_wav(path, samples, subtype="FLOAT"):
@@ -196,9 +198,9 @@ def test_decoding_ahead_raises_the_threads_error_and_stops_when_the_consumer_doe
         raise MediaError("frame 1 could not be decoded")
 
     with pytest.raises(MediaError, match="frame 1"):
-        list(_Ahead(failing()))
+        list(media.Ahead(failing()))
     made = []
-    endless = iter(_Ahead(made.append(i) or i for i in itertools.count()))
+    endless = iter(media.Ahead(made.append(i) or i for i in itertools.count()))
     assert [next(endless) for _ in range(3)] == [0, 1, 2]
     endless.close()
     assert pipeline_threads() == []

@@ -207,26 +207,31 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     if len(frames):
         landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
-        for chunk in media.iter_frames(clip.path, clip.start + first, clip.start + last + 1):
-            local = chunk.start - clip.start + np.arange(len(chunk.frames))
-            rows = np.searchsorted(frames, local)
-            for frame, row, at in zip(chunk.frames, rows, local, strict=True):
-                if row < len(frames) and frames[row] == at:
-                    two = [
-                        landmarker.landmarks([frame], box[None])[0]
-                        for box in (track.boxes[at], track.raw_boxes[at])
-                    ]
-                    landmarks[row] = (two[0] + two[1]) / 2
-                    doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
-                    patches[row] = cv2.warpAffine(
-                        frame,
-                        patch_transform(landmarks[row]),
-                        PATCH_SIZE,
-                        flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE,
-                    )
-            if report is not None:
-                report("mouths", int(local[-1]) - first + 1, last - first + 1)
+        # the next chunk decodes on a thread while this one's mouths are measured
+        decoded = media.Ahead(media.iter_frames(clip.path, clip.start + first, clip.start + last + 1))
+        try:
+            for chunk in decoded:
+                local = chunk.start - clip.start + np.arange(len(chunk.frames))
+                rows = np.searchsorted(frames, local)
+                for frame, row, at in zip(chunk.frames, rows, local, strict=True):
+                    if row < len(frames) and frames[row] == at:
+                        two = [
+                            landmarker.landmarks([frame], box[None])[0]
+                            for box in (track.boxes[at], track.raw_boxes[at])
+                        ]
+                        landmarks[row] = (two[0] + two[1]) / 2
+                        doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
+                        patches[row] = cv2.warpAffine(
+                            frame,
+                            patch_transform(landmarks[row]),
+                            PATCH_SIZE,
+                            flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REPLICATE,
+                        )
+                if report is not None:
+                    report("mouths", int(local[-1]) - first + 1, last - first + 1)
+        finally:
+            decoded.close()
     lips = to_patch(landmarks)[:, LIPS]
     return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 

@@ -43,7 +43,6 @@ from retalk.engines.mouths import (
     patch_transform,
 )
 
-
 MAX_OPEN = 0.30  # largest inner-lip gap, in eye distances (about 18 mm for a 62 mm eye distance)
 # The engine opens the mouth for the loudest sound as wide as the person does (MouthIndex.reach), at least this:
 MIN_REACH = 0.15

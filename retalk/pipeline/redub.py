@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -119,50 +119,7 @@ class _FrameReader:
         return frames[np.searchsorted(wanted, indices)]
 
 
-_END = object()  # the end of a queue's items
-
-
-class _Ahead:
-    """The items of ``produce``, made on a thread (started now) up to ``depth`` items ahead of whoever iterates
-    this. What the thread raises is raised to the iterating thread; ``close`` (also when iterating stops early:
-    failed or cancelled) stops the thread after the item it is making, and returns once it has ended."""
-
-    def __init__(self, produce: Iterable, depth: int = QUEUED_CHUNKS, name: str = "retalk-decode") -> None:
-        self._items: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self, produce: Iterable) -> None:
-        try:
-            for item in produce:
-                self._items.put((item, None))
-                if self._stop.is_set():
-                    return
-            self._items.put((_END, None))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._items.put((_END, err))
-
-    def __iter__(self) -> Iterator:
-        try:
-            while True:
-                item, err = self._items.get()
-                if item is _END:
-                    if err is not None:
-                        raise err
-                    return
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        while True:  # room for the thread's last put: it then sees the stop and ends
-            try:
-                self._items.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
+_END = object()  # the end of the encoding queue
 
 
 class _EncodedBehind:
@@ -294,12 +251,18 @@ def _track(
         except InputError:
             cached.unlink(missing_ok=True)  # damaged entry: recompute it
     total = end - start
-    track = track_faces(
-        media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES),
-        select=request.face,
-        tracker=tracker,
-        progress=lambda done: stages.emit("track", done, total),
+    decoded = media.Ahead(
+        media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES), QUEUED_CHUNKS
     )
+    try:  # the next chunk decodes on a thread while this one is tracked
+        track = track_faces(
+            decoded,
+            select=request.face,
+            tracker=tracker,
+            progress=lambda done: stages.emit("track", done, total),
+        )
+    finally:
+        decoded.close()
     if cache is not None:
         cache.put(TRACK_CACHE, key, track.save)
     return track, False
@@ -350,7 +313,7 @@ class PreparedRedub:
         next chunk decodes on a thread while this one renders. Stage seconds are each stage's own time, so
         decode's overlaps render's."""
         frame_map, clip = self.timeline.frame_map, self.clip
-        chunks = _Ahead(self._decode(a, b))
+        chunks = media.Ahead(self._decode(a, b), QUEUED_CHUNKS)
         try:
             for c, d, frames in chunks:
                 with self.stages.timed("render"):
@@ -440,7 +403,7 @@ def prepare(
     hashing = None
     if hasher is not None:
         chunks = -(-(end - start) // CHUNK_FRAMES)
-        hashing = _Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
+        hashing = media.Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
     try:
         with stages.timed("check"):
             # --fit video needs the range's length of audio (a second more tells whether some is cut)
