@@ -59,6 +59,19 @@ def test_a_low_spectrum_rounds_the_mouth_and_a_high_one_spreads_it():
     assert width[5:22].mean() < -0.3 and width[30:47].mean() > 0.3
 
 
+def test_the_width_changes_over_a_syllable_without_lagging_the_sound():
+    """From "oo" to "ee" at 1 s: the width passes its midpoint at the switch (smoothed both ways, no lag) and
+    takes a few frames to get there, rather than jumping in one."""
+    t = np.arange(2 * SR) / SR
+    low = sum(np.sin(2 * np.pi * f * t) for f in (150, 300, 450))
+    high = sum(np.sin(2 * np.pi * f * t) for f in (150, 2300, 2900))
+    width = mouth_drive((0.1 * np.where(t < 1, low, high)).astype(np.float32), RATE, 50).width
+    middle = (width[5:20].mean() + width[30:45].mean()) / 2
+    crossing = np.flatnonzero(np.diff(np.sign(width - middle)))
+    assert len(crossing) == 1 and abs(crossing[0] + 0.5 - 25) <= 1  # frame 25 starts at 1 s
+    assert np.abs(np.diff(width)).max() < 0.3 * (width[30:45].mean() - width[5:20].mean())
+
+
 def test_pose_closes_the_old_mouth_then_opens_the_new_one(still_face):
     _, lm = still_face
     iod = eye_distance(lm)

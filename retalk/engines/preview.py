@@ -48,6 +48,7 @@ MAX_OPEN = 0.30  # largest inner-lip gap, in eye distances (about 18 mm for a 62
 MIN_REACH = 0.15
 MIN_GAP = 0.01  # inner-lip gap of a closed mouth, in eye distances
 MAX_WIDEN = 0.10  # largest change of mouth width, as a fraction of the mouth width
+WIDTH_SMOOTHING = 0.06  # seconds: the standard deviation of the width's smoothing
 RING_SCALE = 1.7  # fixed anchor ring: jaw points pushed out from the mouth centre by this factor
 MOUTH_RING = (1.3, 0.3)  # the exemplar's warp is anchored on the lips pushed out by this factor plus this
 # many eye distances; inside it, the blend covers the lips grown by MOUTH_MARGIN, feathered by MOUTH_FEATHER
@@ -74,6 +75,16 @@ def _attack_release(x: np.ndarray, dt: float, attack: float, release: float) -> 
         state += (a_up if v > state else a_down) * (v - state)
         out[i] = state
     return out
+
+
+def _gaussian_smoothing(x: np.ndarray, sigma: float) -> np.ndarray:
+    """``x`` convolved with a Gaussian of ``sigma`` samples, the ends held (scipy.ndimage would cost a third
+    of a second to import, on the path of every preview)."""
+    radius = int(np.ceil(4 * sigma))
+    if not len(x) or radius == 0:
+        return x
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return np.convolve(np.pad(x, radius, mode="edge"), kernel / kernel.sum(), mode="valid")
 
 
 def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int = 16000) -> MouthDrive:
@@ -109,10 +120,10 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     else:
         width = np.zeros(n_frames)
     dt = float(1 / rate)
-    return MouthDrive(
-        np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1),
-        np.clip(_attack_release(width, dt, 0.04, 0.08), -1, 1),
-    )
+    # lips round and spread over a syllable, not from frame to frame: the width (a noisy spectral feature)
+    # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag)
+    width = _gaussian_smoothing(width, WIDTH_SMOOTHING / dt)
+    return MouthDrive(np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1), np.clip(width, -1, 1))
 
 
 def pose_mouth(
