@@ -2,7 +2,8 @@
 
 ``redub`` reads as its stages: 1. check inputs, 2. plan the output timeline, 3. track faces (video-only,
 cached by content), 4. choose and prepare the engine, 5. render chunk by chunk and encode with the new audio.
-Memory is bounded by the chunk size, never by the clip length; nothing is written half-way. Stages 1-4 are
+Decoding and encoding run on threads beside the engine (bounded queues), so memory is bounded by a few
+chunks, never by the clip length; nothing is written half-way. Stages 1-4 are
 ``prepare``; its :class:`PreparedRedub` renders any range of output frames, which is how a render farm splits a
 job (``retalk.pipeline.segments``).
 """
@@ -163,7 +164,9 @@ class _EncodedBehind:
 
 
 class _Stages:
-    """Progress events and wall time per stage; the cancel check between units of work."""
+    """Progress events and wall time per stage (stages on their own threads overlap: decode with render and
+    encode, hash with check and plan, so the times add up to more than the re-dub took); the cancel check
+    between units of work."""
 
     def __init__(self, progress, should_cancel) -> None:
         self.progress, self.should_cancel = progress, should_cancel
