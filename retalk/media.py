@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import itertools
 import math
 import os
+import queue
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
-import librosa
 import numpy as np
 
 from retalk.errors import InputError, MediaError
@@ -131,13 +133,23 @@ class CodecSpec:
     audio_encoder: str
     audio_options: dict[str, str]
     limited_range: bool = False  # the format only stores limited ("tv") range, whatever the source's
+    fast_options: dict[str, str] | None = None  # what VideoWriter(fast=True) adds: the same format, sooner
 
 
 # Output suffix -> FFmpeg muxer: the suffix picks the container.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 CODECS: dict[str, CodecSpec] = {
-    "h264": CodecSpec("libx264", "yuv420p", (".mp4", ".mov", ".mkv"), {"crf": "18"}, "aac", {"b": "192k"}),
+    # fast: x264's veryfast preset at the same quality target (crf), about twice as fast as its default at 720p
+    "h264": CodecSpec(
+        "libx264",
+        "yuv420p",
+        (".mp4", ".mov", ".mkv"),
+        {"crf": "18"},
+        "aac",
+        {"b": "192k"},
+        fast_options={"preset": "veryfast"},
+    ),
     # prores_ks profile 3 = HQ, 4 = 4444; vendor apl0 so Apple/NLE decoders accept the files as their own.
     # MP4 has no ProRes mapping (FFmpeg refuses it).
     "prores": CodecSpec(
@@ -438,6 +450,52 @@ def iter_frames(
                 return
 
 
+_AHEAD_END = object()
+
+
+class Ahead:
+    """The items of ``produce``, made on a thread (started now) up to ``depth`` items ahead of whoever iterates
+    this. What the thread raises is raised to the iterating thread; ``close`` (also when iterating stops early:
+    failed or cancelled) stops the thread after the item it is making, and returns once it has ended."""
+
+    def __init__(self, produce: Iterable, depth: int = 1, name: str = "retalk-decode") -> None:
+        self._items: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Iterable) -> None:
+        try:
+            for item in produce:
+                self._items.put((item, None))
+                if self._stop.is_set():
+                    return
+            self._items.put((_AHEAD_END, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._items.put((_AHEAD_END, err))
+
+    def __iter__(self) -> Iterator:
+        try:
+            while True:
+                item, err = self._items.get()
+                if item is _AHEAD_END:
+                    if err is not None:
+                        raise err
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # room for the thread's last put: it then sees the stop and ends
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+
 def read_frames(path: str | os.PathLike, start: int, end: int) -> np.ndarray:
     """Frames [start, end) as one (n, H, W, 3) uint8 RGB array; for small ranges (memory grows with n)."""
     chunks = [chunk.frames for chunk in iter_frames(path, start, end, chunk_size=max(1, end - start))]
@@ -465,43 +523,147 @@ def read_audio(
     """Mono float32 samples at `sample_rate` from any file with an audio stream, cut sample-exactly.
 
     The first sample is ``round(start * sample_rate)`` of the whole file resampled (as librosa.load does:
-    channels averaged, resampy kaiser_best), and at most ``round(duration * sample_rate)`` samples follow.
+    channels averaged, resampy kaiser_best: :func:`resample_kaiser_best`), and at most ``round(duration * sample_rate)`` samples follow.
     A file that ends early gives fewer samples (none if `start` is past the end): padding or refusing a short
     audio is the caller's policy. Only the requested range (plus a resampler margin) is kept in memory.
     """
+    return read_audio_rates(path, (sample_rate,), start=start, duration=duration)[0]
+
+
+def read_audio_rates(
+    path: str | os.PathLike,
+    sample_rates: Sequence[int],
+    *,
+    start: Fraction = Fraction(0),
+    duration: Fraction | None = None,
+) -> list[np.ndarray]:
+    """:func:`read_audio` at each of ``sample_rates`` from one decode of the file (each the same samples as
+    ``read_audio`` at that rate)."""
     path = Path(path)
     start = Fraction(start)
     if start < 0 or (duration is not None and Fraction(duration) < 0):
         raise InputError(f"{path}: audio start ({start} s) and duration ({duration} s) must not be negative")
-    first = round(start * sample_rate)
-    count = None if duration is None else round(Fraction(duration) * sample_rate)
     with _open_input(path) as container:
         if not container.streams.audio:
             raise MediaError(f"{path}: has no audio stream; pass a file with sound (.wav, .mp3, .mp4, ...)")
         stream = container.streams.audio[0]
         source_rate = stream.codec_context.sample_rate
-        # Resample a window that starts on the grid shared by both rates, so its samples are the whole
-        # file's samples: `period` source samples map to exactly `period * ratio` output samples.
-        period = source_rate // math.gcd(source_rate, sample_rate)
-        ratio = Fraction(sample_rate, source_rate)
-        margin = math.ceil(_RESAMPLE_MARGIN_SECONDS * source_rate / period) * period
-        window_start = max(0, (math.floor(first / ratio) // period) * period - margin)
-        window_end = None if count is None else math.ceil((first + count) / ratio) + margin
+        length = None
         if "mov" in container.format.name and stream.duration:
             # MP4/MOV end AAC mid-frame through the edit list; the decoder still emits the whole last frame
             length = round(stream.duration * Fraction(stream.time_base) * source_rate)
-            window_end = length if window_end is None else min(window_end, length)
-        source = _decode_mono(container, stream, window_start, window_end)
-    if math.floor(len(source) * ratio) < 1:  # nothing (or less than one output sample) left from `start` on
-        return np.zeros(0, dtype=np.float32)
+        windows = [_resample_window(source_rate, rate, start, duration, length) for rate in sample_rates]
+        first = min(window[0] for window in windows)
+        ends = [window[1] for window in windows]
+        source = _decode_mono(container, stream, first, None if None in ends else max(ends))
     if not np.all(np.isfinite(source)):
         raise InputError(
             f"{path}: the audio contains NaN or infinite samples; re-export it as PCM or float WAV"
         )
-    resampled = librosa.resample(source, orig_sr=source_rate, target_sr=sample_rate, res_type="kaiser_best")
-    offset = first - int(window_start * ratio)
-    stop = None if count is None else offset + count
+    return [
+        _resample(source[a - first : None if b is None else b - first], source_rate, rate, a, start, duration)
+        for rate, (a, b) in zip(sample_rates, windows, strict=True)
+    ]
+
+
+def _resample_window(
+    source_rate: int, sample_rate: int, start: Fraction, duration: Fraction | None, length: int | None
+) -> tuple[int, int | None]:
+    """Source samples [a, b) (b None: to the end) whose resampling gives the requested range exactly: a window
+    that starts on the grid shared by both rates, so its samples are the whole file's samples (``period``
+    source samples map to exactly ``period * ratio`` output samples), with a resampler margin each side."""
+    first = round(start * sample_rate)
+    count = None if duration is None else round(Fraction(duration) * sample_rate)
+    period = source_rate // math.gcd(source_rate, sample_rate)
+    ratio = Fraction(sample_rate, source_rate)
+    margin = math.ceil(_RESAMPLE_MARGIN_SECONDS * source_rate / period) * period
+    window_start = max(0, (math.floor(first / ratio) // period) * period - margin)
+    window_end = None if count is None else math.ceil((first + count) / ratio) + margin
+    if length is not None:
+        window_end = length if window_end is None else min(window_end, length)
+    return window_start, window_end
+
+
+def _resample(
+    source: np.ndarray,
+    source_rate: int,
+    sample_rate: int,
+    window_start: int,
+    start: Fraction,
+    duration: Fraction | None,
+) -> np.ndarray:
+    """The requested range at ``sample_rate`` from the source window that starts at ``window_start``."""
+    ratio = Fraction(sample_rate, source_rate)
+    if math.floor(len(source) * ratio) < 1:  # nothing (or less than one output sample) left from `start` on
+        return np.zeros(0, dtype=np.float32)
+    resampled = resample_kaiser_best(source, source_rate, sample_rate)
+    offset = round(start * sample_rate) - int(window_start * ratio)
+    stop = None if duration is None else offset + round(Fraction(duration) * sample_rate)
     return np.ascontiguousarray(resampled[offset:stop], dtype=np.float32)
+
+
+@functools.cache
+def _kaiser_best_filter() -> tuple[np.ndarray, int]:
+    """resampy's kaiser_best filter: the right wing of the windowed sinc and its samples per zero crossing
+    (read from its package data without importing resampy, which brings numba)."""
+    spec = importlib.util.find_spec("resampy")
+    if spec is None or not spec.submodule_search_locations:
+        raise MediaError(
+            "resampy is not installed: pip install resampy (its kaiser_best filter resamples audio)"
+        )
+    with np.load(Path(spec.submodule_search_locations[0]) / "data" / "kaiser_best.npz") as data:
+        return data["half_window"], int(data["precision"])
+
+
+RESAMPLE_BLOCK = 1 << 16  # output samples computed at once: temporaries stay a few MB for any length
+
+
+def resample_kaiser_best(x: np.ndarray, source_rate: int, rate: int) -> np.ndarray:
+    """``librosa.resample(x, orig_sr=source_rate, target_sr=rate, res_type="kaiser_best")`` bit for bit:
+    resampy's band-limited interpolation, each output sample the same float64 sum over the filter's taps in the
+    same order, vectorised over the output samples in numpy. (resampy runs it through numba, which compiles it
+    in every new process: seconds before the first sample, more than a short line takes here.)"""
+    if source_rate == rate:
+        return x
+    half_window, precision = _kaiser_best_filter()
+    ratio = float(rate) / source_rate
+    count = int(len(x) * float(rate) / float(source_rate))
+    window = ratio * half_window if ratio < 1 else half_window  # downsampling: the filter's cut-off drops
+    delta = np.diff(window, append=window[-1])
+    scale = min(1.0, ratio)
+    step = int(scale * precision)
+    source = x.astype(np.float64)
+    times = np.arange(count) * (1.0 / ratio)
+    out = np.zeros(count, x.dtype)
+    for a in range(0, count, RESAMPLE_BLOCK):
+        t = times[a : a + RESAMPLE_BLOCK]
+        at = t.astype(np.int64)  # the input sample at or before each output time
+        acc = out[a : a + RESAMPLE_BLOCK]
+        frac = scale * (t - at)
+        # the left wing runs back from sample `at`, then the right wing forward from `at + 1`
+        for wing_frac, taps_max, direction, first in (
+            (frac, at + 1, -1, at),
+            (scale - frac, len(x) - at - 1, 1, at + 1),
+        ):
+            index = wing_frac * precision
+            offset = index.astype(np.int64)
+            eta = index - offset
+            taps = np.minimum(taps_max, (len(window) - offset) // step)
+            for i in range(int(taps.max(initial=0))):
+                tap = np.minimum(offset + i * step, len(window) - 1)
+                term = (window[tap] + eta * delta[tap]) * source[
+                    np.clip(first + direction * i, 0, len(x) - 1)
+                ]
+                if i >= taps.min():
+                    term[i >= taps] = (
+                        0.0  # past this sample's wing (adding 0 leaves the float32 sum as it is)
+                    )
+                np.add(
+                    acc, term, out=acc, casting="unsafe"
+                )  # float64 sum, stored as float32, as resampy does
+    # librosa's fix_length: ceil(len * ratio) samples, zero-padded at the end
+    length = int(np.ceil(len(x) * ratio))
+    return np.concatenate([out[:length], np.zeros(max(length - count, 0), x.dtype)])
 
 
 def _decode_mono(
@@ -543,7 +705,8 @@ def _color_code(table: dict[int, str], name: str | None, what: str) -> int | Non
 
 
 class VideoWriter:
-    """Encode RGB frames (and optionally a mono/multi-channel float audio track) into a new file.
+    """Encode RGB frames (and optionally a mono/multi-channel float audio track) into a new file; ``fast``
+    trades file size for encoding speed where the codec allows (CodecSpec.fast_options), never the format.
 
     Writes go to a hidden temp file in the destination folder that `close` renames onto `path`; `abort`
     (or leaving a ``with`` block by an exception) deletes it, so `path` is never half-written.
@@ -560,8 +723,10 @@ class VideoWriter:
         color: ColorInfo | None = None,
         audio: np.ndarray | None = None,
         audio_rate: int = 16000,
+        fast: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.fast = fast
         self.spec = spec = _codec_spec(codec)
         if isinstance(rate, float) or not rate or Fraction(rate) <= 0:
             raise InputError(
@@ -599,9 +764,10 @@ class VideoWriter:
             raise MediaError(f"{self.path}: cannot set up the {codec} encoder ({err})") from err
 
     def _add_video_stream(self, color: ColorInfo | None) -> av.video.stream.VideoStream:
-        stream = self._container.add_stream(
-            self.spec.encoder, rate=self.rate, options=dict(self.spec.options)
-        )
+        options = dict(self.spec.options)
+        if self.fast and self.spec.fast_options:
+            options.update(self.spec.fast_options)
+        stream = self._container.add_stream(self.spec.encoder, rate=self.rate, options=options)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.spec.pix_fmt
         # one tick per frame: every timestamp and the frame rate stay exact (1350/61 fps -> 61/1350 s ticks)
         stream.time_base = stream.codec_context.time_base = 1 / self.rate

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
-from scipy.signal import savgol_filter
 
 from retalk.errors import CheckpointError, InputError
 from retalk.registry import file_identity, find_checkpoint, search_dirs
@@ -446,6 +445,9 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _smooth_runs(values: np.ndarray, found: np.ndarray, window: int, order: int) -> np.ndarray:
     """Savitzky-Golay along axis 0 within each run of found frames (the window shrinks for short runs)."""
+    from scipy.signal import savgol_filter  # here: scipy.signal takes a second or two to import, and a
+    # re-dub whose track comes from the cache never smooths
+
     out = values.copy()
     for a, b in _runs(found):
         length = min(window, b - a if (b - a) % 2 else b - a - 1)

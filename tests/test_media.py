@@ -253,6 +253,35 @@ def test_audio_at_source_rate_is_the_plain_channel_average(media_dir):
     np.testing.assert_array_equal(got, expected[12345 : 12345 + 777])
 
 
+@pytest.mark.parametrize("name", ["speech1.wav", "face1.mp4"])
+def test_audio_at_several_rates_from_one_decode_is_each_rates_own_read(media_dir, name):
+    path = media_dir / name
+    for start, duration in [(Fraction(0), None), (Fraction(1234, 1000), Fraction(1500, 997))]:
+        both = media.read_audio_rates(path, (16000, 48000), start=start, duration=duration)
+        for rate, got in zip((16000, 48000), both, strict=True):
+            alone = media.read_audio(path, start=start, duration=duration, sample_rate=rate)
+            np.testing.assert_array_equal(got, alone)
+
+
+@pytest.mark.parametrize(
+    "rates, length",
+    [
+        ((44100, 16000), 44100 * 3 + 17),
+        ((44100, 48000), 88205),
+        ((16000, 48000), 1601),
+        ((48000, 16000), 4800),
+        ((22050, 16000), 3),
+        ((8000, 16000), 100),
+    ],
+)
+def test_resampling_is_librosas_kaiser_best_bit_for_bit(rates, length):
+    import librosa  # the reference's resampler, through numba: only here, never on the pipeline's path
+
+    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    expected = librosa.resample(x, orig_sr=rates[0], target_sr=rates[1], res_type="kaiser_best")
+    np.testing.assert_array_equal(media.resample_kaiser_best(x, *rates), expected)
+
+
 def test_audio_past_the_end_is_short_not_padded(tmp_path):
     path = write_tone(tmp_path / "tone.wav", 1.0)
     assert len(media.read_audio(path, start=Fraction(1, 2), duration=Fraction(2))) == 8000

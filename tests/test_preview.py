@@ -59,6 +59,19 @@ def test_a_low_spectrum_rounds_the_mouth_and_a_high_one_spreads_it():
     assert width[5:22].mean() < -0.3 and width[30:47].mean() > 0.3
 
 
+def test_the_width_changes_over_a_syllable_without_lagging_the_sound():
+    """From "oo" to "ee" at 1 s: the width passes its midpoint at the switch (smoothed both ways, no lag) and
+    takes a few frames to get there, rather than jumping in one."""
+    t = np.arange(2 * SR) / SR
+    low = sum(np.sin(2 * np.pi * f * t) for f in (150, 300, 450))
+    high = sum(np.sin(2 * np.pi * f * t) for f in (150, 2300, 2900))
+    width = mouth_drive((0.1 * np.where(t < 1, low, high)).astype(np.float32), RATE, 50).width
+    middle = (width[5:20].mean() + width[30:45].mean()) / 2
+    crossing = np.flatnonzero(np.diff(np.sign(width - middle)))
+    assert len(crossing) == 1 and abs(crossing[0] + 0.5 - 25) <= 1  # frame 25 starts at 1 s
+    assert np.abs(np.diff(width)).max() < 0.3 * (width[30:45].mean() - width[5:20].mean())
+
+
 def test_pose_closes_the_old_mouth_then_opens_the_new_one(still_face):
     _, lm = still_face
     iod = eye_distance(lm)
@@ -108,6 +121,33 @@ def test_an_exemplar_mouth_keeps_the_colour_of_the_face_it_is_pasted_on(still_fa
     assert np.abs(shift).max() < 0.05 * plain[lips].mean()  # without matching: +30 %
 
 
+def test_the_face_moves_with_the_opening_as_the_person_moves_it(still_face):
+    """A clip whose jaw drops half of each opening and whose upper lip rises a fifth of it teaches exactly that,
+    and the pose follows it; a mouth that hardly moves teaches nothing (the default motion)."""
+    _, lm = still_face
+    _, uy, eye = mouths.face_axes(lm)
+    openings = np.linspace(0.0, 0.2, 30) * eye  # pixels
+    faces = np.repeat(lm[None].astype(np.float64), 30, axis=0)
+    lower, upper = [56, 57, 58, 65, 66, 67], [50, 51, 52, 61, 62, 63]
+    faces[:, lower] += (0.8 * openings)[:, None, None] * uy
+    faces[:, upper] -= (0.2 * openings)[:, None, None] * uy
+    faces[:, 8] += (0.5 * openings)[:, None] * uy
+    motion = mouths.opening_motion(faces)
+    assert motion[8] == pytest.approx(0.5, abs=0.02)
+    assert motion[62] == pytest.approx(-0.2, abs=0.02) and motion[66] == pytest.approx(0.8, abs=0.02)
+    assert not motion[17:48].any()  # brows, nose and eyes never move
+    posed, default = pose_mouth(lm, 1.0, 0.0, motion), pose_mouth(lm, 1.0, 0.0)
+    drop = (posed[8] - lm[8]) @ uy / ((posed[66] - posed[62]) @ uy - (lm[66] - lm[62]) @ uy)
+    assert drop == pytest.approx(0.5, abs=0.05)
+    assert (posed[8] - lm[8]) @ uy < 0.7 * (
+        (default[8] - lm[8]) @ uy
+    )  # the default drops the chin all the way
+    still = (
+        np.repeat(lm[None].astype(np.float64), 30, axis=0) + np.linspace(0, 0.005, 30)[:, None, None] * eye
+    )
+    assert mouths.opening_motion(still) is mouths.DEFAULT_MOTION
+
+
 def _index(frames, openings, doubt=None):
     """An index of exemplars at source ``frames`` with these openings (no pixels needed for the choice)."""
     k = len(frames)
@@ -120,6 +160,7 @@ def _index(frames, openings, doubt=None):
         np.zeros(k) if doubt is None else np.asarray(doubt),
         np.zeros((68, 2)),
         0.2,
+        mouths.DEFAULT_MOTION,
     )
 
 

@@ -301,3 +301,21 @@ def test_a_clip_that_never_opens_its_mouth_falls_back_to_synthesis_and_says_so(t
         engine.render_chunk(media.read_frames(video, i[0], i[0] + 1), i, i)[0], posed
     )
     assert cavity[0].mean() < 0.75 * stretched[0].mean()
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_clip_without_any_face_indexes_and_plans_without_warnings(tmp_path):
+    """No face anywhere: an empty index, a plan that shows no exemplar, frames returned unchanged, and no
+    numeric warning on the way (no eyes to measure a mouth by)."""
+    video = tmp_path / "wall.mkv"
+    wall = np.full((10, 48, 64, 3), 90, np.uint8)
+    with media.VideoWriter(video, width=64, height=48, rate=Fraction(25), codec="lossless") as writer:
+        writer.write(wall)
+    track = track_faces(media.iter_frames(video))
+    assert not track.found.any()
+    engine, _ = engine_for(video, track, 10)
+    assert len(engine.index) == 0
+    assert engine.listen(media.read_audio(write_tone(tmp_path / "line.wav", 0.4)), Fraction(25), 10) == []
+    assert (engine.plan.exemplar == -1).all() and not engine.plan.synthesis.any()
+    everything = np.arange(10)
+    assert np.array_equal(engine.render_chunk(wall, everything, everything), wall)

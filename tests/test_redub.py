@@ -3,7 +3,9 @@ the tracking cache, bad input and cancellation (nothing left behind)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from fractions import Fraction
 
 import cv2
@@ -16,6 +18,7 @@ from retalk import media
 from retalk.cache import ArtifactCache, cache_key
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline import ProgressEvent, RedubRequest, redub
+from retalk.pipeline.redub import prepare, render_and_encode
 from retalk.tracking import track_faces
 
 OUT_SR = 48000  # the sample rate redub writes
@@ -124,6 +127,12 @@ def test_second_take_hits_the_tracking_cache_and_changed_pixels_miss_it(tmp_path
     assert uncached.cache_hits == [] and not (tmp_path / "other").exists()
 
 
+def pipeline_threads() -> list[str]:
+    return [
+        t.name for t in threading.enumerate() if t.name in ("retalk-hash", "retalk-decode", "retalk-encode")
+    ]
+
+
 def write_wav(path, samples, subtype="FLOAT"):
     soundfile.write(path, np.asarray(samples, np.float32), 16000, subtype=subtype)
     return path
@@ -148,6 +157,7 @@ def test_bad_audio_is_refused_with_one_line_and_no_output(tmp_path, clip, cache_
     if case == "silent":
         assert "silent" in message
     assert [p.name for p in tmp_path.iterdir()] == ["bad.wav"]
+    assert pipeline_threads() == []  # the video's hashing, begun beside the audio read, stopped with it
 
 
 def test_bad_video_and_range_are_refused_with_no_output(tmp_path, clip, cache_dir):
@@ -179,6 +189,59 @@ def test_cancel_midway_leaves_nothing(tmp_path, clip, cache_dir):
         redub(req, progress=seen.append, should_cancel=rendering)
     assert any(e.stage == "render" and e.done == 16 for e in seen)  # cancelled after a chunk was encoded
     assert [p.name for p in tmp_path.iterdir()] == ["line.wav"]
+    assert pipeline_threads() == []  # the decoding and encoding threads stopped with it
+
+
+def test_decoding_ahead_raises_the_threads_error_and_stops_when_the_consumer_does():
+    def failing():
+        yield 1
+        raise MediaError("frame 1 could not be decoded")
+
+    with pytest.raises(MediaError, match="frame 1"):
+        list(media.Ahead(failing()))
+    made = []
+    endless = iter(media.Ahead(made.append(i) or i for i in itertools.count()))
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()
+    assert pipeline_threads() == []
+    assert len(made) <= 3 + 2  # the item queued and the one being made when the consumer stopped
+
+
+def test_a_decode_error_while_rendering_is_raised_and_leaves_nothing(tmp_path, clip, cache_dir, monkeypatch):
+    audio = write_tone(tmp_path / "line.wav", 2.0)
+    job = prepare(request(tmp_path, clip[0], audio, cache_dir, start=START, end=END, fit="audio"))
+    decode = media.iter_frames
+
+    def damaged(path, start, end, **kwargs):
+        for chunk in decode(path, start, end, **kwargs):
+            if chunk.start + len(chunk.frames) > START + 10:
+                raise MediaError(f"{path}: frame {START + 10} could not be decoded; the file may be damaged")
+            yield chunk
+
+    monkeypatch.setattr(media, "iter_frames", damaged)
+    with pytest.raises(MediaError, match="could not be decoded"):
+        render_and_encode(job)
+    assert [p.name for p in tmp_path.iterdir()] == ["line.wav"]
+    assert pipeline_threads() == []
+
+
+def test_an_encoding_error_stops_rendering_and_leaves_nothing(tmp_path, clip, cache_dir, monkeypatch):
+    audio = write_tone(tmp_path / "line.wav", 4.0)  # 88 output frames: 6 chunks
+    seen: list[ProgressEvent] = []
+    job = prepare(
+        request(tmp_path, clip[0], audio, cache_dir, start=START, end=END, fit="audio"), progress=seen.append
+    )
+
+    def full_disk(self, frames):
+        raise MediaError(f"{self.path}: encoding failed (No space left on device)")
+
+    monkeypatch.setattr(media.VideoWriter, "write", full_disk)
+    with pytest.raises(MediaError, match="No space left"):
+        render_and_encode(job)
+    # the renderer is at most a chunk being written, one queued and one rendering ahead of the failure
+    assert max(e.done for e in seen if e.stage == "render") <= 4 * 16 < job.frames
+    assert [p.name for p in tmp_path.iterdir()] == ["line.wav"]
+    assert pipeline_threads() == []
 
 
 def test_neural_engine_without_checkpoints_names_what_is_missing(tmp_path, clip, cache_dir, monkeypatch):

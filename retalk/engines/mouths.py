@@ -60,6 +60,16 @@ CUT_PER_FRAME = 0.05  # ...plus this per frame of distance between them,
 CUT_MAX = 5.0  # up to this (beyond it, distance no longer matters)
 BLOCK = 2048  # output frames per dynamic-programming block: memory stays bounded for long lines
 
+# How far each point moves down the face with the inner-lip opening (a fraction of it; negative: up), where a
+# clip teaches nothing else: chin and jaw line, mouth corners and lower lip follow the jaw, the upper lip rises.
+DEFAULT_MOTION = np.zeros(68)
+DEFAULT_MOTION[[4, 5, 6, 7, 8, 9, 10, 11, 12]] = [0.15, 0.35, 0.6, 0.85, 1.0, 0.85, 0.6, 0.35, 0.15]
+DEFAULT_MOTION[[48, 54, 60, 64, 55, 59, 56, 57, 58, 65, 66, 67]] = [0.3] * 4 + [0.8] * 2 + [1.0] * 6
+DEFAULT_MOTION[[49, 50, 51, 52, 53, 61, 62, 63]] = [-0.06, -0.1, -0.1, -0.1, -0.06, -0.12, -0.12, -0.12]
+MOTION_POINTS = np.r_[JAW[4:13], LIPS]  # the points whose motion a clip teaches
+MIN_MOTION_SPREAD = 0.015  # eye distances: a mouth whose opening varies less teaches no motion
+MIN_MOTION_FRAMES = 25
+
 INDEX_FORMAT = 1  # bump when what the index stores changes meaning
 CACHE_KIND = "mouths"
 
@@ -125,6 +135,7 @@ class MouthIndex:
     doubt: np.ndarray  # (K,) how far apart two estimates of its opening are (eye distances)
     rest: np.ndarray  # (68, 2) the clip's median face in patch pixels: what target shapes are posed on
     reach: float  # how wide the person opens their mouth when speaking (98th percentile, eye distances)
+    motion: np.ndarray  # (68,) how the person's face moves as the mouth opens (opening_motion)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -133,12 +144,33 @@ class MouthIndex:
         return Mouth(self.patches[row], self.lips[row])
 
 
-def _from_track(track: FaceTrack) -> tuple[np.ndarray, float]:
-    """The rest face and the reach of a :class:`MouthIndex` (see there)."""
+def opening_motion(landmarks: np.ndarray) -> np.ndarray:
+    """How far each point moves down the face per unit of inner-lip opening (68,), learnt from the faces
+    ``landmarks`` (n, 68, 2) of one person: the least-squares slope of each point's height in the face's own
+    frame (the nose fixed) against the opening. People open the mouth mostly with the lips; the jaw drops about
+    half as far (a fixed model that drops it all the way moves the lower face twice as much as the person
+    would). DEFAULT_MOTION when the mouth opens too little, in too few frames, to tell."""
+    opening = mouth_shapes(landmarks)[:, 0]
+    if len(landmarks) < MIN_MOTION_FRAMES or opening.std() < MIN_MOTION_SPREAD:
+        return DEFAULT_MOTION
+    heights = to_patch(landmarks)[:, MOTION_POINTS, 1] / PATCH_EYE_DISTANCE
+    centred = opening - opening.mean()
+    slopes = centred @ (heights - heights.mean(0)) / (centred @ centred)
+    motion = np.zeros(68)
+    motion[MOTION_POINTS] = np.clip(slopes, -1.0, 1.0)
+    return motion
+
+
+def _from_track(track: FaceTrack) -> tuple[np.ndarray, float, np.ndarray]:
+    """The rest face, the reach and the motion of a :class:`MouthIndex` (see there)."""
     if not track.found.any():
-        return np.zeros((68, 2)), 0.0
+        return np.zeros((68, 2)), 0.0, DEFAULT_MOTION
     landmarks = track.landmarks[track.found]
-    return np.median(to_patch(landmarks), axis=0), float(np.percentile(mouth_shapes(landmarks)[:, 0], 98))
+    return (
+        np.median(to_patch(landmarks), axis=0),
+        float(np.percentile(mouth_shapes(landmarks)[:, 0], 98)),
+        opening_motion(landmarks),
+    )
 
 
 def select_exemplars(found: np.ndarray, openings: np.ndarray) -> np.ndarray:
@@ -165,7 +197,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     and the detector's own); the points are their mean, and how far the two openings differ is the
     exemplar's doubt: the choice avoids mouths whose lips the model cannot pin down."""
     track = clip.track
-    frames = select_exemplars(track.found, mouth_shapes(track.landmarks)[:, 0])
+    openings = np.zeros(len(track))  # faceless frames have no eyes to measure by (and are no candidates)
+    openings[track.found] = mouth_shapes(track.landmarks[track.found])[:, 0]
+    frames = select_exemplars(track.found, openings)
     width, height = PATCH_SIZE
     patches = np.empty((len(frames), height, width, 3), np.uint8)
     landmarks = np.empty((len(frames), 68, 2))
@@ -173,26 +207,31 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     if len(frames):
         landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
-        for chunk in media.iter_frames(clip.path, clip.start + first, clip.start + last + 1):
-            local = chunk.start - clip.start + np.arange(len(chunk.frames))
-            rows = np.searchsorted(frames, local)
-            for frame, row, at in zip(chunk.frames, rows, local, strict=True):
-                if row < len(frames) and frames[row] == at:
-                    two = [
-                        landmarker.landmarks([frame], box[None])[0]
-                        for box in (track.boxes[at], track.raw_boxes[at])
-                    ]
-                    landmarks[row] = (two[0] + two[1]) / 2
-                    doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
-                    patches[row] = cv2.warpAffine(
-                        frame,
-                        patch_transform(landmarks[row]),
-                        PATCH_SIZE,
-                        flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE,
-                    )
-            if report is not None:
-                report("mouths", int(local[-1]) - first + 1, last - first + 1)
+        # the next chunk decodes on a thread while this one's mouths are measured
+        decoded = media.Ahead(media.iter_frames(clip.path, clip.start + first, clip.start + last + 1))
+        try:
+            for chunk in decoded:
+                local = chunk.start - clip.start + np.arange(len(chunk.frames))
+                rows = np.searchsorted(frames, local)
+                for frame, row, at in zip(chunk.frames, rows, local, strict=True):
+                    if row < len(frames) and frames[row] == at:
+                        two = [
+                            landmarker.landmarks([frame], box[None])[0]
+                            for box in (track.boxes[at], track.raw_boxes[at])
+                        ]
+                        landmarks[row] = (two[0] + two[1]) / 2
+                        doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
+                        patches[row] = cv2.warpAffine(
+                            frame,
+                            patch_transform(landmarks[row]),
+                            PATCH_SIZE,
+                            flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REPLICATE,
+                        )
+                if report is not None:
+                    report("mouths", int(local[-1]) - first + 1, last - first + 1)
+        finally:
+            decoded.close()
     lips = to_patch(landmarks)[:, LIPS]
     return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 

@@ -25,6 +25,7 @@ from scipy.spatial import Delaunay
 from retalk.engines import SourceClip, options_ignored_by
 from retalk.engines.mouths import (
     CACHE_KIND,
+    DEFAULT_MOTION,
     INNER_LIP,
     INNER_LOWER,
     INNER_UPPER,
@@ -42,28 +43,12 @@ from retalk.engines.mouths import (
     patch_transform,
 )
 
-
-def _per_point(weights: dict[int, float]) -> np.ndarray:
-    out = np.zeros(68)
-    out[list(weights)] = list(weights.values())
-    return out
-
-
-# How far each point moves with the jaw, as a fraction of the inner lower lip's move: chin and jaw line,
-# lower lip, mouth corners (the inner lower lip itself is placed exactly, see pose_mouth).
-FOLLOW = _per_point(
-    {4: 0.15, 5: 0.35, 6: 0.6, 7: 0.85, 8: 1.0, 9: 0.85, 10: 0.6, 11: 0.35, 12: 0.15}
-    | {48: 0.3, 54: 0.3, 60: 0.3, 64: 0.3, 55: 0.8, 59: 0.8, 56: 1.0, 57: 1.0, 58: 1.0}
-    | {65: 1.0, 66: 1.0, 67: 1.0}
-)
-# How far the upper lip rises as the mouth opens, as a fraction of the opening.
-LIFT = _per_point({49: 0.06, 50: 0.1, 51: 0.1, 52: 0.1, 53: 0.06, 61: 0.12, 62: 0.12, 63: 0.12})
-
 MAX_OPEN = 0.30  # largest inner-lip gap, in eye distances (about 18 mm for a 62 mm eye distance)
 # The engine opens the mouth for the loudest sound as wide as the person does (MouthIndex.reach), at least this:
 MIN_REACH = 0.15
 MIN_GAP = 0.01  # inner-lip gap of a closed mouth, in eye distances
 MAX_WIDEN = 0.10  # largest change of mouth width, as a fraction of the mouth width
+WIDTH_SMOOTHING = 0.06  # seconds: the standard deviation of the width's smoothing
 RING_SCALE = 1.7  # fixed anchor ring: jaw points pushed out from the mouth centre by this factor
 MOUTH_RING = (1.3, 0.3)  # the exemplar's warp is anchored on the lips pushed out by this factor plus this
 # many eye distances; inside it, the blend covers the lips grown by MOUTH_MARGIN, feathered by MOUTH_FEATHER
@@ -90,6 +75,16 @@ def _attack_release(x: np.ndarray, dt: float, attack: float, release: float) -> 
         state += (a_up if v > state else a_down) * (v - state)
         out[i] = state
     return out
+
+
+def _gaussian_smoothing(x: np.ndarray, sigma: float) -> np.ndarray:
+    """``x`` convolved with a Gaussian of ``sigma`` samples, the ends held (scipy.ndimage would cost a third
+    of a second to import, on the path of every preview)."""
+    radius = int(np.ceil(4 * sigma))
+    if not len(x) or radius == 0:
+        return x
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return np.convolve(np.pad(x, radius, mode="edge"), kernel / kernel.sum(), mode="valid")
 
 
 def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int = 16000) -> MouthDrive:
@@ -125,20 +120,23 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     else:
         width = np.zeros(n_frames)
     dt = float(1 / rate)
-    return MouthDrive(
-        np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1),
-        np.clip(_attack_release(width, dt, 0.04, 0.08), -1, 1),
-    )
+    # lips round and spread over a syllable, not from frame to frame: the width (a noisy spectral feature)
+    # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag)
+    width = _gaussian_smoothing(width, WIDTH_SMOOTHING / dt)
+    return MouthDrive(np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1), np.clip(width, -1, 1))
 
 
-def pose_mouth(lm: np.ndarray, openness: float, width: float) -> np.ndarray:
-    """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``."""
+def pose_mouth(
+    lm: np.ndarray, openness: float, width: float, motion: np.ndarray = DEFAULT_MOTION
+) -> np.ndarray:
+    """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``;
+    each point moves down the face by ``motion`` (see :func:`retalk.engines.mouths.opening_motion`) times the
+    change of opening."""
     ux, uy, eye_distance = face_axes(lm)
     out = lm.astype(np.float64).copy()
     opening = openness * MAX_OPEN * eye_distance
     shift = opening - inner_lip_gap(lm)  # close what was open, then open to the new gap
-    out += np.outer(FOLLOW * shift, uy)
-    out -= np.outer(LIFT * opening, uy)
+    out += np.outer(motion * shift, uy)
     # each inner-lower point exactly `opening` below its partner (a hair more, so no triangle collapses)
     pair_gap = (out[INNER_LOWER] - out[INNER_UPPER]) @ uy
     out[INNER_LOWER] += np.outer(opening + MIN_GAP * eye_distance - pair_gap, uy)
@@ -318,15 +316,17 @@ def render_frame(
     out: np.ndarray | None = None,
     mouth: Mouth | None = None,
     synthesis: float = 0.0,
+    motion: np.ndarray = DEFAULT_MOTION,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
-    exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``;
+    exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
+    face moving with the opening as ``motion`` says (:func:`pose_mouth`);
     without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
     the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)
-    posed = pose_mouth(lm, openness, width)
+    posed = pose_mouth(lm, openness, width, motion)
     src = np.r_[lm[moving], ring]
     dst = np.r_[posed[moving], ring]
     x0, y0 = np.floor(np.minimum(src.min(0), dst.min(0))).astype(int)
@@ -409,17 +409,18 @@ class PreviewEngine:
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
         drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
+            self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
+            return []
         targets = np.array(
             [
-                mouth_shapes(pose_mouth(index.rest, o, w))
+                mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
                 for o, w in zip(drive.openness, drive.width, strict=True)
             ]
         ).reshape(-1, 3)
         exemplar = choose_mouths(index, targets)
-        synthesis = np.zeros(n_frames)
-        if len(index):  # else no frame has a face: nothing will be rendered
-            stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
-            synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
+        stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
+        synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
         self.plan = MouthPlan(drive, targets, exemplar, synthesis)
         synthesised = int(np.count_nonzero(synthesis))
         if not synthesised:
@@ -448,5 +449,6 @@ class PreviewEngine:
                     out=out[k],
                     mouth=self.index.mouth(plan.exemplar[i]),
                     synthesis=plan.synthesis[i],
+                    motion=self.index.motion,
                 )
         return out

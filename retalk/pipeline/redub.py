@@ -2,13 +2,16 @@
 
 ``redub`` reads as its stages: 1. check inputs, 2. plan the output timeline, 3. track faces (video-only,
 cached by content), 4. choose and prepare the engine, 5. render chunk by chunk and encode with the new audio.
-Memory is bounded by the chunk size, never by the clip length; nothing is written half-way. Stages 1-4 are
+Decoding and encoding run on threads beside the engine (bounded queues), so memory is bounded by a few
+chunks, never by the clip length; nothing is written half-way. Stages 1-4 are
 ``prepare``; its :class:`PreparedRedub` renders any range of output frames, which is how a render farm splits a
 job (``retalk.pipeline.segments``).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +44,9 @@ from retalk.tracking import (
 ANALYSIS_RATE = 16000  # what engines hear (the reference's mel features are computed at 16 kHz)
 OUTPUT_AUDIO_RATE = 48000  # what the output file carries
 CHUNK_FRAMES = 16
+# Chunks decoded ahead of the renderer, and rendered chunks waiting for the encoder: decoding and encoding run
+# on their own threads beside rendering (the engine never waits for I/O), in memory bounded by a few chunks.
+QUEUED_CHUNKS = 1
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this everywhere, the audio is treated as silent
 TRACK_CACHE = "tracks"
 REQUEST_DEFAULTS = {field.name: field.default for field in fields(RedubRequest)}
@@ -103,19 +109,64 @@ class _FrameReader:
             self._frames, self._first = chunk.frames, chunk.start
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Frames ``indices`` (any order, repeats allowed) as (n, H, W, 3) uint8 RGB."""
+        """Frames ``indices`` (any order, repeats allowed) as (n, H, W, 3) uint8 RGB: for consecutive
+        indices within one decoded chunk (a plain play-through), a view of it, without a copy."""
         wanted = np.unique(indices)
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-        parts = [
-            np.concatenate(list(self._span(int(run[0]), int(run[-1]) + 1)))
-            for run in np.split(wanted, breaks)
-        ]
-        frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        parts = [list(self._span(int(run[0]), int(run[-1]) + 1)) for run in np.split(wanted, breaks)]
+        if len(parts) == 1 and len(parts[0]) == 1 and np.array_equal(wanted, indices):
+            return parts[0][0]
+        frames = np.concatenate([piece for part in parts for piece in part])
         return frames[np.searchsorted(wanted, indices)]
 
 
+_END = object()  # the end of the encoding queue
+
+
+class _EncodedBehind:
+    """``write(item)`` for each item put, on a thread up to ``depth`` items behind the producer. ``finish``
+    waits for the last write; what a write raised is raised by the next ``put`` or by ``finish``; ``discard``
+    (the producer failed) drops what is queued. Either way the thread has ended when they return."""
+
+    def __init__(self, write: Callable[[object], None], depth: int = QUEUED_CHUNKS) -> None:
+        self._write = write
+        self._items: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._run, name="retalk-encode", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not _END:
+            if self._error is None and not self._dropping:
+                try:
+                    self._write(item)
+                except BaseException as err:  # noqa: BLE001 - raised in the producer's thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, item: object) -> None:
+        self._raise()
+        self._items.put(item)  # the thread takes every item, written or not: this never blocks for good
+
+    def finish(self) -> None:
+        self._items.put(_END)
+        self._thread.join()
+        self._raise()
+
+    def discard(self) -> None:
+        self._dropping = True
+        self._items.put(_END)
+        self._thread.join()
+
+
 class _Stages:
-    """Progress events and wall time per stage; the cancel check between units of work."""
+    """Progress events and wall time per stage (stages on their own threads overlap: decode with render and
+    encode, hash with check and plan, so the times add up to more than the re-dub took); the cancel check
+    between units of work."""
 
     def __init__(self, progress, should_cancel) -> None:
         self.progress, self.should_cancel = progress, should_cancel
@@ -136,24 +187,24 @@ class _Stages:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _read_new_audio(request: RedubRequest, sample_rate: int, duration: Fraction | None) -> np.ndarray:
-    wav = media.read_audio(
-        request.audio, start=request.audio_offset, duration=duration, sample_rate=sample_rate
+def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> tuple[np.ndarray, np.ndarray]:
+    """The new audio at ANALYSIS_RATE and at OUTPUT_AUDIO_RATE, from one decode."""
+    wav, wav_out = media.read_audio_rates(
+        request.audio, (ANALYSIS_RATE, OUTPUT_AUDIO_RATE), start=request.audio_offset, duration=duration
     )
     if len(wav) == 0:
         raise InputError(
             f"--audio {request.audio}: no audio after --audio-offset {float(request.audio_offset)} s "
             "(the file is empty or shorter than the offset)"
         )
-    return wav
+    return wav, wav_out
 
 
-def _content_key(path: Path, start: int, end: int, stages: _Stages) -> str:
-    hasher = FrameHasher()
+def _hash_frames(path: Path, start: int, end: int, hasher: FrameHasher) -> Iterator[int]:
+    """Frames [start, end) into ``hasher``, chunk by chunk; after each, how many are done."""
     for chunk in media.iter_frames(path, start, end, chunk_size=CHUNK_FRAMES):
         hasher.update(chunk.frames)
-        stages.emit("hash", chunk.start + len(chunk.frames) - start, end - start)
-    return hasher.hexdigest()
+        yield chunk.start + len(chunk.frames) - start
 
 
 def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
@@ -203,12 +254,18 @@ def _track(
         except InputError:
             cached.unlink(missing_ok=True)  # damaged entry: recompute it
     total = end - start
-    track = track_faces(
-        media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES),
-        select=request.face,
-        tracker=tracker,
-        progress=lambda done: stages.emit("track", done, total),
+    decoded = media.Ahead(
+        media.iter_frames(request.video, start, end, chunk_size=CHUNK_FRAMES), QUEUED_CHUNKS
     )
+    try:  # the next chunk decodes on a thread while this one is tracked
+        track = track_faces(
+            decoded,
+            select=request.face,
+            tracker=tracker,
+            progress=lambda done: stages.emit("track", done, total),
+        )
+    finally:
+        decoded.close()
     if cache is not None:
         cache.put(TRACK_CACHE, key, track.save)
     return track, False
@@ -244,20 +301,52 @@ class PreparedRedub:
     def frames(self) -> int:
         return self.timeline.frames
 
-    def render(self, a: int, b: int) -> Iterator[np.ndarray]:
-        """Output frames [a, b), chunk by chunk (reported as stage ``render``, done out of ``b - a``)."""
-        frame_map, clip = self.timeline.frame_map, self.clip
-        reader = _FrameReader(clip.path, clip.end)
+    def _decode(self, a: int, b: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(c, d, source frames of output frames [c, d)) for each chunk of [a, b)."""
+        frame_map = self.timeline.frame_map
+        reader = _FrameReader(self.clip.path, self.clip.end)
         for c in range(a, b, CHUNK_FRAMES):
             d = min(c + CHUNK_FRAMES, b)
             with self.stages.timed("decode"):
                 frames = reader.read(frame_map[c:d])
-            with self.stages.timed("render"):
-                rendered = self.engine.render_chunk(frames, frame_map[c:d], np.arange(c, d))
-                faceless = ~clip.track.found[frame_map[c:d] - clip.start]
-                rendered[faceless] = frames[faceless]
-            yield rendered
-            self.stages.emit("render", d - a, b - a)
+            yield c, d, frames
+
+    def render(self, a: int, b: int) -> Iterator[np.ndarray]:
+        """Output frames [a, b), chunk by chunk (reported as stage ``render``, done out of ``b - a``); the
+        next chunk decodes on a thread while this one renders. Stage seconds are each stage's own time, so
+        decode's overlaps render's."""
+        frame_map, clip = self.timeline.frame_map, self.clip
+        chunks = media.Ahead(self._decode(a, b), QUEUED_CHUNKS)
+        try:
+            for c, d, frames in chunks:
+                with self.stages.timed("render"):
+                    rendered = self.engine.render_chunk(frames, frame_map[c:d], np.arange(c, d))
+                    faceless = ~clip.track.found[frame_map[c:d] - clip.start]
+                    rendered[faceless] = frames[faceless]
+                yield rendered
+                self.stages.emit("render", d - a, b - a)
+        finally:
+            chunks.close()  # stops the decoding thread now, also when the consumer stops early
+
+    def encode(self, writer: media.VideoWriter, a: int, b: int) -> None:
+        """Output frames [a, b) rendered into ``writer``, each chunk encoded on a thread while the next one
+        renders (stage ``encode``); on any failure, or a cancel, nothing more is written and the error is
+        raised once both threads have ended (the caller then aborts the writer)."""
+
+        def write(rendered: np.ndarray) -> None:
+            with self.stages.timed("encode"):
+                writer.write(rendered)
+
+        behind = _EncodedBehind(write)
+        chunks = self.render(a, b)
+        try:
+            for rendered in chunks:
+                behind.put(rendered)
+        except BaseException:
+            chunks.close()  # a failed write stops the decoding thread too
+            behind.discard()
+            raise
+        behind.finish()
 
     def writer(self, path: Path, codec: str, *, audio: bool = True) -> media.VideoWriter:
         """A writer of this job's frames into ``path``, with the new audio unless ``audio`` is False."""
@@ -271,6 +360,7 @@ class PreparedRedub:
             color=info.color,
             audio=self.wav_out if audio else None,
             audio_rate=OUTPUT_AUDIO_RATE,
+            fast=self.engine.name == "preview",  # a preview is looked at once: encode it fast
         )
 
     def result(self) -> RedubResult:
@@ -311,48 +401,60 @@ def prepare(
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
-        # --fit video needs the range's length of audio (a second more tells whether some is cut)
-        needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
-        wav16k = _read_new_audio(request, ANALYSIS_RATE, needed)
-        if np.abs(wav16k).max() < SILENCE_PEAK:
-            raise InputError(
-                f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
-                "check the file and --audio-offset"
+    # the content hash of stage 3 decodes on a thread from here on, beside the audio read and the plan
+    hasher = FrameHasher() if content_key is None else None
+    hashing = None
+    if hasher is not None:
+        chunks = -(-(end - start) // CHUNK_FRAMES)
+        hashing = media.Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
+    try:
+        with stages.timed("check"):
+            # --fit video needs the range's length of audio (a second more tells whether some is cut)
+            needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
+            wav16k, wav_out = _read_new_audio(request, needed)
+            if np.abs(wav16k).max() < SILENCE_PEAK:
+                raise InputError(
+                    f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
+                    "check the file and --audio-offset"
+                )
+            engine, engine_warnings = choose_engine(request)
+            warnings += engine_warnings
+            tracker, tracker_warnings = choose_tracker(request, engine.name)
+            warnings += tracker_warnings
+            warnings += [
+                f"--{name.replace('_', '-')} {getattr(request, name)} has no effect with the {engine.name} engine"
+                for name in engine.ignores
+                if getattr(request, name) != REQUEST_DEFAULTS[name]
+            ]
+            stages.emit("check", 1, 1)
+
+        # 2. plan the output timeline: frame map and sample-exact audio lengths
+        with stages.timed("plan"):
+            timeline: Timeline = plan_timeline(
+                start=start,
+                end=end,
+                rate=info.rate,
+                audio_samples=len(wav16k),
+                sample_rate=ANALYSIS_RATE,
+                fit=request.fit,
+                extend=request.extend,
+                audio_complete=needed is None or len(wav16k) < round(needed * ANALYSIS_RATE),
             )
-        wav_out = _read_new_audio(request, OUTPUT_AUDIO_RATE, needed)
-        engine, engine_warnings = choose_engine(request)
-        warnings += engine_warnings
-        tracker, tracker_warnings = choose_tracker(request, engine.name)
-        warnings += tracker_warnings
-        warnings += [
-            f"--{name.replace('_', '-')} {getattr(request, name)} has no effect with the {engine.name} engine"
-            for name in engine.ignores
-            if getattr(request, name) != REQUEST_DEFAULTS[name]
-        ]
-        stages.emit("check", 1, 1)
+            warnings += timeline.warnings
+            n_out = timeline.frames
+            wav16k = fit_audio(wav16k, timeline.audio_samples)
+            wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
 
-    # 2. plan the output timeline: frame map and sample-exact audio lengths
-    with stages.timed("plan"):
-        timeline: Timeline = plan_timeline(
-            start=start,
-            end=end,
-            rate=info.rate,
-            audio_samples=len(wav16k),
-            sample_rate=ANALYSIS_RATE,
-            fit=request.fit,
-            extend=request.extend,
-            audio_complete=needed is None or len(wav16k) < round(needed * ANALYSIS_RATE),
-        )
-        warnings += timeline.warnings
-        n_out = timeline.frames
-        wav16k = fit_audio(wav16k, timeline.audio_samples)
-        wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
-
-    # 3. track faces (video-only: cached by decoded content, never by file name)
+        # 3. track faces (video-only: cached by decoded content, never by file name)
+        if hashing is not None:
+            with stages.timed("hash"):
+                for done in hashing:
+                    stages.emit("hash", done, end - start)
+            content_key = hasher.hexdigest()
+    finally:
+        if hashing is not None:
+            hashing.close()  # bad audio, a cancel: the hashing thread stops too
     cache = ArtifactCache(request.cache_dir) if request.use_cache else None
-    if content_key is None:
-        with stages.timed("hash"):
-            content_key = _content_key(request.video, start, end, stages)
     with stages.timed("track"):
         track, hit = _track(request, tracker, start, end, content_key, cache, stages)
         if hit:
@@ -383,9 +485,7 @@ def render_and_encode(job: PreparedRedub) -> RedubResult:
     stages.emit("render", 0, job.frames)
     writer = job.writer(request.output, request.codec)
     try:
-        for rendered in job.render(0, job.frames):
-            with stages.timed("encode"):
-                writer.write(rendered)
+        job.encode(writer, 0, job.frames)
         stages.emit("encode", 0, 1)
         with stages.timed("encode"):
             writer.close()  # the file appears whole, or (abort below) not at all

@@ -56,8 +56,7 @@ def render_segment(job: PreparedRedub, a: int, b: int, path: Path) -> None:
     writer = job.writer(path, segment_codec(job.request.codec), audio=False)
     job.stages.emit("render", 0, b - a)
     try:
-        for rendered in job.render(a, b):
-            writer.write(rendered)
+        job.encode(writer, a, b)
         writer.close()
     except BaseException:
         writer.abort()
