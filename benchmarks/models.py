@@ -19,7 +19,7 @@ from pathlib import Path
 import platformdirs
 import torch
 
-from retalk import registry
+from retalk import checkpoints as registry
 from retalk.commands.bench import default_reference_timing
 
 

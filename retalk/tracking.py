@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 from scipy.signal import savgol_filter
 
+from retalk.checkpoints import file_identity, find_checkpoint, search_dirs
 from retalk.errors import CheckpointError, InputError
-from retalk.registry import file_identity, find_checkpoint, search_dirs
 
 if TYPE_CHECKING:  # the network adapters are built lazily; torch is never imported for the dlib path
     import torch
@@ -167,7 +167,7 @@ class S3FDDetector:
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device | str = "cpu") -> S3FDDetector:
-        from retalk.models.checkpoint import load_once
+        from retalk.checkpoints import load_once
         from retalk.models.s3fd import load_s3fd
 
         return cls(functools.partial(load_once, load_s3fd, path, device), f"s3fd-rgb[{file_identity(path)}]")
@@ -201,7 +201,7 @@ class FANLandmarks:
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device | str = "cpu") -> FANLandmarks:
-        from retalk.models.checkpoint import load_once
+        from retalk.checkpoints import load_once
         from retalk.models.fan import load_fan
 
         return cls(functools.partial(load_once, load_fan, path, device), f"fan[{file_identity(path)}]")

@@ -579,7 +579,7 @@ def test_the_reference_tracker_keeps_s3fd_boxes_as_decoded_and_fan_points():
 @pytest.fixture
 def checkpoints(tmp_path, monkeypatch) -> Path:
     """An empty checkpoints folder, the only one searched."""
-    from retalk import registry
+    from retalk.checkpoints import catalogue as registry
 
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.setattr(registry, "default_checkpoints_dir", lambda: tmp_path / "user-cache")
@@ -641,7 +641,7 @@ DLIB = "dlib-hog-up1-max1024+dlib68-face120-"
 def test_the_detector_follows_the_request_and_the_files(
     tmp_path, checkpoints, detector, engine, files, expected, warning
 ):
-    from retalk import registry
+    from retalk import checkpoints as registry
     from retalk.pipeline.redub import choose_tracker
     from retalk.tracking import FAN_FILE, S3FD_FILE
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import DNET as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.pirender import (
     ADAIN,
     PIRENDER_SLOPE,
@@ -33,8 +34,6 @@ from retalk.models.pirender import (
 )
 
 _log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "DNet.pt"
 
 
 class MappingNet(nn.Module):
@@ -252,11 +251,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
 def load_dnet(path: str | Path, device: str | torch.device = "cpu") -> DNet:
     """Build :class:`DNet` from the official ``DNet.pt`` (``['net_G_ema']``); any missing key is an error."""
     raw = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("net_G_ema",))
-    model = DNet()
-    report = load_state_dict_checked(
-        model, checkpoint_filter_fn(raw), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, report = build_checked(
+        DNet, raw, checkpoint_filter_fn, name=CHECKPOINT_NAME, allow_unexpected=True, device=device
     )
     if not report.clean:
         # the reference loads with strict=False; extra entries are ignored there too, but say so
         _log.warning("%s (ignored)", report.summary())
-    return model.eval().to(device)
+    return model

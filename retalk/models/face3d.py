@@ -15,9 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "face3d_pretrain_epoch_20.pth"
+from retalk.checkpoints.catalogue import FACE3D as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 # (name, width) of the heads in output order; the widths sum to 257.
 COEFF_LAYOUT: tuple[tuple[str, int], ...] = (
@@ -55,6 +54,4 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ReconNet
 def load_face3d(path: str | Path, device: torch.device | str = "cpu") -> ReconNet:
     """Build :class:`ReconNet` from ``face3d_pretrain_epoch_20.pth`` (``['net_recon']``, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("net_recon",))
-    model = ReconNet()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return build_checked(ReconNet, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)[0]

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retalk.checkpoints.catalogue import FAN as CHECKPOINT_NAME
 from retalk.errors import CheckpointError
 from retalk.synthetic import deterministic_state_dict
 
-CHECKPOINT_NAME = "2DFAN4-cd938726ad.zip"
 NUM_LANDMARKS = 68
 CROP_SIZE = 256
 REFERENCE_SCALE = 195.0  # S3FD's reference scale in face_alignment: scale = (w + h) / 195

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from retalk.checkpoints.catalogue import GANIMATION as CHECKPOINT_NAME
 from retalk.errors import InputError
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "30_net_gen.pth"
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 # Action units in the network's input order (OpenFace intensity names).
 ACTION_UNITS = (
@@ -130,8 +129,12 @@ def load_ganimation(path: str | Path, device: torch.device | str = "cpu") -> GAN
     """Build the generator from ``30_net_gen.pth``: a plain state dict; extra entries are ignored, as in the
     reference (it keeps only the model's keys, then loads strictly)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = GANimationGenerator()
-    load_state_dict_checked(
-        model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, _ = build_checked(
+        GANimationGenerator,
+        state_dict,
+        checkpoint_filter_fn,
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
-    return model.eval().to(device)
+    return model

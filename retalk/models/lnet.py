@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import LNET as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.pirender import (
     ADAIN,
     PYRAMID_KEY_RULES,
@@ -30,8 +31,6 @@ from retalk.models.pirender import (
 )
 
 _log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "LNet.pth"
 
 
 class AudioConv(nn.Module):
@@ -316,11 +315,15 @@ def lnet_state_dict_from_official(state_dict: Mapping[str, torch.Tensor]) -> dic
 def load_lnet(path: str | Path, device: str | torch.device = "cpu") -> LNet:
     """Build :class:`LNet` from the official ``LNet.pth`` (``['state_dict']``); any missing key is an error."""
     raw = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
-    model = LNet()
-    report = load_state_dict_checked(
-        model, lnet_state_dict_from_official(raw), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, report = build_checked(
+        LNet,
+        raw,
+        lambda state_dict, _: lnet_state_dict_from_official(state_dict),
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
     if not report.clean:
         # the reference loads with strict=False; extra entries are ignored there too, but say so
         _log.warning("%s (ignored)", report.summary())
-    return model.eval().to(device)
+    return model

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retalk.checkpoints.catalogue import PARSENET as CHECKPOINT_NAME
 from retalk.device import channels_last
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "ParseNet-latest.pth"
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 LABELS = (
     "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
@@ -121,6 +120,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ParseNet
 def load_parsenet(path: str | Path, device: torch.device | str = "cpu") -> ParseNet:
     """Build :class:`ParseNet` from ``ParseNet-latest.pth`` (plain state dict, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = ParseNet()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return channels_last(model.eval().to(device))  # measured faster on CPU
+    model, _ = build_checked(ParseNet, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
+    return channels_last(model)  # measured faster on CPU

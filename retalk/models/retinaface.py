@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import RETINAFACE as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.s3fd import nms
 
-CHECKPOINT_NAME = "RetinaFace-R50.pth"
 BGR_MEANS = (104.0, 117.0, 123.0)
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
@@ -249,8 +249,12 @@ def load_retinaface(path: str | Path, device: torch.device | str = "cpu") -> Ret
     removed. The reference loads with strict=False; here missing keys are an error, extra ones are reported."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    model = RetinaFace()
-    load_state_dict_checked(
-        model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, _ = build_checked(
+        RetinaFace,
+        state_dict,
+        checkpoint_filter_fn,
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
-    return model.eval().to(device)
+    return model

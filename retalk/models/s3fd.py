@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import S3FD as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
-CHECKPOINT_NAME = "s3fd-619a316812.pth"
 CAFFE_MEANS = (104.0, 117.0, 123.0)
 VARIANCES = (0.1, 0.2)
 CANDIDATE_THRESHOLD = 0.05
@@ -191,6 +191,4 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: S3FD) ->
 def load_s3fd(path: str | Path, device: torch.device | str = "cpu") -> S3FD:
     """Build :class:`S3FD` from ``s3fd-619a316812.pth`` (plain state dict, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = S3FD()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return build_checked(S3FD, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)[0]

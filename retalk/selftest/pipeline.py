@@ -53,6 +53,7 @@ from retalk.align import (
     quad_from_landmarks,
 )
 from retalk.audio import mel_chunks, melspectrogram
+from retalk.checkpoints import synth
 from retalk.engines import neural
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, enet_boxes
@@ -63,7 +64,6 @@ from retalk.models.face3d import load_face3d
 from retalk.models.gfpgan import load_gfpgan
 from retalk.models.gpen import load_gpen
 from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS, load_parsenet
-from retalk.registry import synth
 from retalk.synthetic import noise_tensor, tensor_sha256
 
 FILES = ("inputs.npz", "geometry.npz", "images.npz", "calls.npz", "meta.json")
