@@ -2,8 +2,8 @@
 modulated by a style code of the reference face. Images are BGR in [0, 1]; ``pred`` (B, 3, 384, 384) is not
 clamped (the pipeline clamps).
 
-The embedded L-Net comes only from ``LNet.pth``: the reference loader drops every ``low_res`` key of
-``ENet.pth``, so :func:`load_enet` checks ENet.pth against E-Net's own layers and nothing else.
+The embedded L-Net comes only from L-Net's own file: the reference loader drops every ``low_res`` key of
+E-Net's file, so :func:`load_enet` checks that file against E-Net's own layers and nothing else.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: ENet) -> dict[
 
 
 def load_enet(enet_path: str | Path, lnet_path: str | Path, device: str | torch.device = "cpu") -> ENet:
-    """E-Net from ``ENet.pth`` (``['state_dict']``, ``low_res`` keys dropped) with its L-Net from ``LNet.pth``."""
+    """E-Net from its official file (``['state_dict']``, ``low_res`` keys dropped) with its L-Net from L-Net's."""
     raw = read_checkpoint(enet_path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
     state_dict = {k.replace("module.", ""): v for k, v in raw.items() if "low_res" not in k}
     # E-Net's own layers are checked before the much larger L-Net file is read

@@ -1,8 +1,8 @@
-"""Deep3DFaceRecon's coefficient regressor (``face3d_pretrain_epoch_20.pth``): ResNet-50 -> 257 3DMM numbers.
+"""Deep3DFaceRecon's coefficient regressor (its official epoch-20 checkpoint): ResNet-50 -> 257 3DMM numbers.
 
 The backbone is torchvision's ResNet-50 without its classifier; seven 1x1 conv heads on the pooled 2048-d
 feature give identity 80, expression 64, texture 80, angles 3, SH lighting 27, translation xy 2 and z 1,
-concatenated in that order (PIPELINE.md §4). The official key names are already those of this module
+concatenated in that order (the order the reference splits the coefficient row in). The official key names are already those of this module
 (``backbone.*`` in torchvision layout, ``final_layers.<i>.*``), so the filter only selects tensors.
 """
 
@@ -52,6 +52,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ReconNet
 
 
 def load_face3d(path: str | Path, device: torch.device | str = "cpu") -> ReconNet:
-    """Build :class:`ReconNet` from ``face3d_pretrain_epoch_20.pth`` (``['net_recon']``, strict as the reference)."""
+    """Build :class:`ReconNet` from its official file (``['net_recon']``, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("net_recon",))
     return build_checked(ReconNet, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)[0]

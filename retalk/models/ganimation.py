@@ -1,4 +1,4 @@
-"""GANimation's split generator (``30_net_gen.pth``): the optional upper-face expression edit (PIPELINE.md §11.5).
+"""GANimation's split generator: the optional upper-face expression edit (docs/DESIGN.md, deviation 8).
 
 The face (B, 3, 128, 128) in [-1, 1] is concatenated with 17 action-unit intensities broadcast over the
 image, encoded by a 7x7 conv and two stride-2 convs, six residual blocks and two transposed convs (instance
@@ -126,7 +126,7 @@ def checkpoint_filter_fn(
 
 
 def load_ganimation(path: str | Path, device: torch.device | str = "cpu") -> GANimationGenerator:
-    """Build the generator from ``30_net_gen.pth``: a plain state dict; extra entries are ignored, as in the
+    """Build the generator from its official file: a plain state dict; extra entries are ignored, as in the
     reference (it keeps only the model's keys, then loads strictly)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
     model, _ = build_checked(

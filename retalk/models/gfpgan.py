@@ -114,7 +114,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: GFPGANv1Clean)
 
 
 def load_gfpgan(path: str | Path, device: str | torch.device = "cpu") -> GFPGANv1Clean:
-    """GFPGANv1.3.pth (``params_ema``, else ``params``) -> GFPGANv1Clean in eval mode on ``device``."""
+    """The official file (``params_ema``, else ``params``) -> GFPGANv1Clean in eval mode on ``device``."""
     sd = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("params_ema", "params"))
     model, _ = build_checked(GFPGANv1Clean, sd, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
     return channels_last(model)  # measured faster on CPU

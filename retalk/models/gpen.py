@@ -142,7 +142,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: GPEN) -> dict[
 
 
 def load_gpen(path: str | Path, device: str | torch.device = "cpu") -> GPEN:
-    """GPEN-BFR-512.pth (a plain state dict) -> GPEN in eval mode on ``device``."""
+    """The official file (a plain state dict) -> GPEN in eval mode on ``device``."""
     sd = read_checkpoint(path, name=CHECKPOINT_NAME)
     model, _ = build_checked(GPEN, sd, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
     return channels_last(model)  # measured faster on CPU
