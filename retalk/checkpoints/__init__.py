@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointSpec",
     "Container",
     "VerifyResult",
+    "clear_loaded",
     "default_checkpoints_dir",
     "fetch",
     "file_identity",
@@ -93,3 +94,9 @@ def load_once(loader: Callable[..., Any], path: str | Path, device: torch.device
     """``loader(path, device=device)`` through the same per-process cache as :func:`load`, for a caller that
     holds the file's path already (the tracker's detector and landmark networks)."""
     return _load_paths(loader, (Path(path),), device)
+
+
+def clear_loaded() -> None:
+    """Forget every network :func:`load` built (their memory is freed once no caller holds them)."""
+    with _LOADING:
+        _loaded.cache_clear()
