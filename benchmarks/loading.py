@@ -1,7 +1,7 @@
 """Per-network load time through ``retalk.checkpoints.load``, on synthetic checkpoints, and what construction
 with random initialisation would add (the loaders build on the meta device instead).
 
-    python benchmarks/loading.py [--checkpoints DIR] [--repeat 3] [--threads 2] [--only LNet.pth ...]
+    python benchmarks/loading.py [--checkpoints DIR] [--repeat 3] [--threads 2] [--only FILE ...]
 
 Columns: the module built with random weights (what the loaders no longer do) and on the meta device; a full
 load (find, read, build, fill: the cache emptied first); a second load in the same process (the cache).

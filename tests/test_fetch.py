@@ -9,6 +9,7 @@ import io
 import socket
 import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def _mat(**variables) -> bytes:
     return buffer.getvalue()
 
 
-# a valid expression.mat of about 1 MB (several read blocks), so the post-download check accepts it
+# a valid expression template file of about 1 MB (several read blocks), so the post-download check accepts it
 PAYLOAD = _mat(
     expression_center=np.zeros((1, 64)), expression_mouth=np.ones((1, 64)), pad=np.arange(130_000.0)
 )
@@ -180,7 +181,7 @@ def test_archive_member_is_extracted(server, monkeypatch, tmp_path):
     _serve(monkeypatch, name, f"{base}/BFM.zip")
     (path,) = checkpoints.fetch([name], tmp_path, progress=False)
     assert path == tmp_path / BFM_LANDMARKS and path.read_bytes() == lm
-    assert sorted(p.name for p in (tmp_path / "BFM").iterdir()) == ["similarity_Lm3D_all.mat"]
+    assert [p.name for p in (tmp_path / "BFM").iterdir()] == [Path(BFM_LANDMARKS).name]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
