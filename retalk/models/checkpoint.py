@@ -147,8 +147,8 @@ def read_checkpoint(
     """The state dict of ``path``: its first of ``container_keys`` (or the file itself), all tensors.
 
     ``name`` is the official file name (a constant of :mod:`retalk.checkpoints.catalogue`), used in every
-    error message. Whatever else the
-    file holds (optimizer state, training arguments) is ignored (:func:`load_torch_file`).
+    error message. Whatever else the file holds (optimizer state, training arguments) is ignored
+    (:func:`load_torch_file`).
     """
     obj = load_torch_file(path, name=name)
     container_keys = tuple(container_keys)
