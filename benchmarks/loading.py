@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,13 +50,7 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
 
 def seconds(call: Callable[[], object], repeat: int, before: Callable[[], None] = lambda: None) -> float:
     """Median of ``repeat`` timed calls, ``before`` run untimed ahead of each."""
-    times = []
-    for _ in range(repeat):
-        before()
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(call, setup=before, repeat=repeat, number=1))
 
 
 def main() -> int:
