@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from models import NETWORKS, SYNTHETIC, build_network, time_forward
 
-from retalk import media, registry
+from retalk import checkpoints, media
 from retalk.bench import run_bench
 from retalk.device import PRECISIONS
 from retalk.pipeline.sample import write_sample_clip, write_sample_speech
@@ -54,7 +54,7 @@ def end_to_end(
     engine: str,
     device: str,
     precisions: list[str],
-    checkpoints: Path,
+    checkpoints_dir: Path,
     size: tuple[int, int],
     seconds: float,
     budget: Budget,
@@ -79,7 +79,7 @@ def end_to_end(
             engine=engine,
             codec="h264",
             long_seconds=None,
-            checkpoints=checkpoints,
+            checkpoints=checkpoints_dir,
             device=device,
             precision=precision,
         )
@@ -91,7 +91,7 @@ def end_to_end(
 
 
 def network_times(
-    checkpoints: Path,
+    checkpoints_dir: Path,
     *,
     device: torch.device,
     precisions: list[str],
@@ -111,7 +111,7 @@ def network_times(
             if not budget.allows():
                 continue
             if name not in models:
-                models[name] = build_network(net.files, checkpoints, device)
+                models[name] = build_network(net.files, checkpoints_dir, device)
             inputs = tuple(t.to(device) for t in net.inputs(batch, net.quick_side if quick else net.side))
             for precision in precisions:
                 if budget.allows():
@@ -191,8 +191,8 @@ def main() -> int:
         precisions, batches, repeat, warmup = args.precision, sorted(args.batch), args.repeat, 2
     needed = {f for net in NETWORKS.values() for f in net.files}
     if engine == "neural":
-        needed |= {spec.name for spec in registry.CHECKPOINTS.values() if spec.required}
-    registry.synth(args.checkpoints, sorted(needed))
+        needed |= {spec.name for spec in checkpoints.CHECKPOINTS.values() if spec.required}
+    checkpoints.synth(args.checkpoints, sorted(needed))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, synthetic checkpoints in {args.checkpoints}", flush=True)
 
@@ -202,7 +202,7 @@ def main() -> int:
             engine=engine,
             device=device.type,
             precisions=precisions,
-            checkpoints=args.checkpoints,
+            checkpoints_dir=args.checkpoints,
             size=size,
             seconds=seconds,
             budget=budget,

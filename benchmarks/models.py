@@ -2,7 +2,7 @@
 
     python benchmarks/models.py [--checkpoints DIR] [--batch 1 8] [--repeat 3] [--threads 2] [--only LNet ...]
 
-The checkpoints are written by ``retalk.registry.synth`` (cached between runs). The reference column is
+The checkpoints are written by ``retalk.checkpoints.synth`` (cached between runs). The reference column is
 ``median_s`` of ../shared/reference/timing.json (the reference code, batch 1, 2 threads) when present.
 """
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import platformdirs
 import torch
 
-from retalk import registry
+from retalk import checkpoints
 from retalk.bench import default_reference_timing
 from retalk.device import autocast
 
@@ -29,12 +29,10 @@ SYNTHETIC = Path(platformdirs.user_cache_dir("retalk")) / "synthetic"
 
 
 def build_network(
-    files: tuple[str, ...], checkpoints: Path, device: str | torch.device = "cpu"
+    files: tuple[str, ...], folder: Path, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
-    """The network through the registry's loader for its first file (E-Net's also reads LNet.pth)."""
-    return registry.resolve_loader(registry.CHECKPOINTS[files[0]])(
-        *(checkpoints / f for f in files), device=device
-    )
+    """The network of its first file (E-Net's also reads L-Net's), as the engine loads it."""
+    return checkpoints.load(files[0], folder, device=device)
 
 
 def _images(batch: int, channels: int, side: int) -> torch.Tensor:
@@ -130,7 +128,7 @@ def main() -> int:
     )
     for name in args.only:
         network = NETWORKS[name]
-        registry.synth(args.checkpoints, network.files)
+        checkpoints.synth(args.checkpoints, network.files)
         model = build_network(network.files, args.checkpoints)
         cells = []
         for batch in args.batch:

@@ -29,17 +29,15 @@ from typing import TYPE_CHECKING, Protocol
 import cv2
 import numpy as np
 
+from retalk.checkpoints import file_identity, find_checkpoint, search_dirs
+from retalk.checkpoints.catalogue import DLIB_LANDMARKS, FAN, S3FD
 from retalk.errors import CheckpointError, InputError
-from retalk.registry import file_identity, find_checkpoint, search_dirs
 
 if TYPE_CHECKING:  # the network adapters are built lazily; torch is never imported for the dlib path
     import torch
 
-SHAPE_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 TRACK_FORMAT = 2
-S3FD_FILE = "s3fd-619a316812.pth"
-FAN_FILE = "2DFAN4-cd938726ad.zip"
-REFERENCE_FILES = (S3FD_FILE, FAN_FILE)
+REFERENCE_FILES = (S3FD, FAN)  # the reference's own tracker: S3FD boxes, 2DFAN4 points
 S3FD_BYTES_PER_PIXEL = 512  # peak activations of one S3FD input pixel (two 64-channel float32 maps at conv1)
 FAN_ITEM_MB = 100  # peak activations of one 256 x 256 FAN crop
 DETECT_BATCH = 16  # frames detected at one scale (the scale follows the face's size from batch to batch)
@@ -77,11 +75,11 @@ def find_shape_predictor(checkpoints_dir: str | Path | None = None) -> Path:
     if spec is not None and spec.submodule_search_locations:
         places.append(Path(spec.submodule_search_locations[0]) / "models")
     for place in places:
-        if (place / SHAPE_PREDICTOR_FILE).is_file():
-            return place / SHAPE_PREDICTOR_FILE
+        if (place / DLIB_LANDMARKS).is_file():
+            return place / DLIB_LANDMARKS
     raise CheckpointError(
-        f"{SHAPE_PREDICTOR_FILE} not found in {', '.join(map(str, places))}; "
-        f"run `retalk models fetch {SHAPE_PREDICTOR_FILE}`, pip install face-recognition-models, "
+        f"{DLIB_LANDMARKS} not found in {', '.join(map(str, places))}; "
+        f"run `retalk models fetch {DLIB_LANDMARKS}`, pip install face-recognition-models, "
         "or pass --checkpoints DIR"
     )
 
@@ -166,7 +164,7 @@ class S3FDDetector:
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device | str = "cpu") -> S3FDDetector:
-        from retalk.models.checkpoint import load_once
+        from retalk.checkpoints import load_once
         from retalk.models.s3fd import load_s3fd
 
         return cls(functools.partial(load_once, load_s3fd, path, device), f"s3fd-rgb[{file_identity(path)}]")
@@ -200,7 +198,7 @@ class FANLandmarks:
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device | str = "cpu") -> FANLandmarks:
-        from retalk.models.checkpoint import load_once
+        from retalk.checkpoints import load_once
         from retalk.models.fan import load_fan
 
         return cls(functools.partial(load_once, load_fan, path, device), f"fan[{file_identity(path)}]")
@@ -604,8 +602,8 @@ def reference_tracker(checkpoints_dir: str | Path | None = None, device: str = "
         )
     torch_device = resolve_device(device)
     return Tracker(
-        detector=S3FDDetector.from_file(paths[S3FD_FILE], torch_device),
-        landmarker=FANLandmarks.from_file(paths[FAN_FILE], torch_device),
+        detector=S3FDDetector.from_file(paths[S3FD], torch_device),
+        landmarker=FANLandmarks.from_file(paths[FAN], torch_device),
         detect_face_size=None,
         key_interval=None,
     )

@@ -26,7 +26,7 @@ from mediagen import write_face_clip, write_tone
 from server_support import ServerProcess, wait_for
 
 from retalk import media
-from retalk.registry import CHECKPOINTS
+from retalk.checkpoints import CHECKPOINTS
 
 pytestmark = pytest.mark.skipif(
     not in_private_network(), reason="runs inside the private network namespace tests/test_farm.py makes"

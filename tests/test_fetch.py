@@ -1,4 +1,4 @@
-"""registry.fetch against a local HTTP server: full download, Range resume, checks, and clear errors."""
+"""checkpoints.fetch against a local HTTP server: full download, Range resume, checks, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import io
 import socket
 import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 
-from retalk import registry
+from retalk import checkpoints
+from retalk.checkpoints.catalogue import BFM_LANDMARKS, EXPRESSION, FAN, S3FD
 from retalk.errors import CheckpointError
 
-NAME = "expression.mat"
+NAME = EXPRESSION
 
 
 def _mat(**variables) -> bytes:
@@ -26,7 +28,7 @@ def _mat(**variables) -> bytes:
     return buffer.getvalue()
 
 
-# a valid expression.mat of about 1 MB (several read blocks), so the post-download check accepts it
+# a valid expression template file of about 1 MB (several read blocks), so the post-download check accepts it
 PAYLOAD = _mat(
     expression_center=np.zeros((1, 64)), expression_mouth=np.ones((1, 64)), pad=np.arange(130_000.0)
 )
@@ -78,74 +80,74 @@ def server():
 
 def _serve(monkeypatch, name, url, **fields):
     monkeypatch.setitem(
-        registry.CHECKPOINTS, name, dataclasses.replace(registry.CHECKPOINTS[name], url=url, **fields)
+        checkpoints.CHECKPOINTS, name, dataclasses.replace(checkpoints.CHECKPOINTS[name], url=url, **fields)
     )
 
 
 def test_full_download_checks_size_and_sha(server, monkeypatch, tmp_path):
     handler, base = server
-    handler.files["/expression.mat"] = PAYLOAD
+    handler.files[f"/{EXPRESSION}"] = PAYLOAD
     _serve(
         monkeypatch,
         NAME,
-        f"{base}/expression.mat",
+        f"{base}/{EXPRESSION}",
         size=len(PAYLOAD),
         sha256=hashlib.sha256(PAYLOAD).hexdigest(),
     )
-    (path,) = registry.fetch([NAME], tmp_path, progress=False)
+    (path,) = checkpoints.fetch([NAME], tmp_path, progress=False)
     assert path == tmp_path / NAME and path.read_bytes() == PAYLOAD
     assert not (tmp_path / f"{NAME}.part").exists()
-    assert handler.log == [("/expression.mat", None, len(PAYLOAD))]
-    registry.fetch([NAME], tmp_path, progress=False)  # present: nothing requested again
+    assert handler.log == [(f"/{EXPRESSION}", None, len(PAYLOAD))]
+    checkpoints.fetch([NAME], tmp_path, progress=False)  # present: nothing requested again
     assert len(handler.log) == 1
 
 
 def test_resume_requests_only_the_remainder(server, monkeypatch, tmp_path):
     handler, base = server
-    handler.files["/expression.mat"] = PAYLOAD
-    _serve(monkeypatch, NAME, f"{base}/expression.mat", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    handler.files[f"/{EXPRESSION}"] = PAYLOAD
+    _serve(monkeypatch, NAME, f"{base}/{EXPRESSION}", sha256=hashlib.sha256(PAYLOAD).hexdigest())
     have = 300_001
     (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD[:have])
-    (path,) = registry.fetch([NAME], tmp_path, progress=False)
+    (path,) = checkpoints.fetch([NAME], tmp_path, progress=False)
     assert path.read_bytes() == PAYLOAD
-    assert handler.log == [("/expression.mat", f"bytes={have}-", len(PAYLOAD) - have)]
+    assert handler.log == [(f"/{EXPRESSION}", f"bytes={have}-", len(PAYLOAD) - have)]
 
 
 def test_server_without_range_restarts_cleanly(server, monkeypatch, tmp_path):
     handler, base = server
     handler.ranges = False
-    handler.files["/expression.mat"] = PAYLOAD
-    _serve(monkeypatch, NAME, f"{base}/expression.mat")
+    handler.files[f"/{EXPRESSION}"] = PAYLOAD
+    _serve(monkeypatch, NAME, f"{base}/{EXPRESSION}")
     (tmp_path / f"{NAME}.part").write_bytes(b"stale bytes that must not stay in front")
-    (path,) = registry.fetch([NAME], tmp_path, progress=False)
+    (path,) = checkpoints.fetch([NAME], tmp_path, progress=False)
     assert path.read_bytes() == PAYLOAD
 
 
 def test_sha_mismatch_leaves_no_file(server, monkeypatch, tmp_path):
     handler, base = server
-    handler.files["/expression.mat"] = PAYLOAD
-    _serve(monkeypatch, NAME, f"{base}/expression.mat", sha256="0" * 64)
+    handler.files[f"/{EXPRESSION}"] = PAYLOAD
+    _serve(monkeypatch, NAME, f"{base}/{EXPRESSION}", sha256="0" * 64)
     with pytest.raises(CheckpointError, match="sha256") as err:
-        registry.fetch([NAME], tmp_path, progress=False)
+        checkpoints.fetch([NAME], tmp_path, progress=False)
     assert NAME in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_size_mismatch_leaves_no_file(server, monkeypatch, tmp_path):
     handler, base = server
-    handler.files["/expression.mat"] = PAYLOAD[:1000]
-    _serve(monkeypatch, NAME, f"{base}/expression.mat", size=len(PAYLOAD))
+    handler.files[f"/{EXPRESSION}"] = PAYLOAD[:1000]
+    _serve(monkeypatch, NAME, f"{base}/{EXPRESSION}", size=len(PAYLOAD))
     with pytest.raises(CheckpointError, match="1000 bytes"):
-        registry.fetch([NAME], tmp_path, progress=False)
+        checkpoints.fetch([NAME], tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unusable_content_is_removed(server, monkeypatch, tmp_path):
     handler, base = server
-    handler.files["/expression.mat"] = b"<html>Sign in to continue</html>"
-    _serve(monkeypatch, NAME, f"{base}/expression.mat")
+    handler.files[f"/{EXPRESSION}"] = b"<html>Sign in to continue</html>"
+    _serve(monkeypatch, NAME, f"{base}/{EXPRESSION}")
     with pytest.raises(CheckpointError, match="not a usable file"):
-        registry.fetch([NAME], tmp_path, progress=False)
+        checkpoints.fetch([NAME], tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -153,7 +155,7 @@ def test_404_is_a_clear_error(server, monkeypatch, tmp_path):
     _, base = server
     _serve(monkeypatch, NAME, f"{base}/gone.mat")
     with pytest.raises(CheckpointError, match="HTTP 404") as err:
-        registry.fetch([NAME], tmp_path, progress=False)
+        checkpoints.fetch([NAME], tmp_path, progress=False)
     assert str(err.value).startswith(NAME) and "\n" not in str(err.value)
 
 
@@ -161,9 +163,9 @@ def test_connection_refused_is_a_clear_error(monkeypatch, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    _serve(monkeypatch, NAME, f"http://127.0.0.1:{port}/expression.mat")
+    _serve(monkeypatch, NAME, f"http://127.0.0.1:{port}/{EXPRESSION}")
     with pytest.raises(CheckpointError, match="cannot reach") as err:
-        registry.fetch([NAME], tmp_path, progress=False, timeout=5)
+        checkpoints.fetch([NAME], tmp_path, progress=False, timeout=5)
     assert "\n" not in str(err.value)
 
 
@@ -173,13 +175,13 @@ def test_archive_member_is_extracted(server, monkeypatch, tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("BFM/other.mat", b"not this one")
-        archive.writestr("BFM/similarity_Lm3D_all.mat", lm)
+        archive.writestr(BFM_LANDMARKS, lm)
     handler.files["/BFM.zip"] = buffer.getvalue()
-    name = "BFM/similarity_Lm3D_all.mat"
+    name = BFM_LANDMARKS
     _serve(monkeypatch, name, f"{base}/BFM.zip")
-    (path,) = registry.fetch([name], tmp_path, progress=False)
-    assert path == tmp_path / "BFM" / "similarity_Lm3D_all.mat" and path.read_bytes() == lm
-    assert sorted(p.name for p in (tmp_path / "BFM").iterdir()) == ["similarity_Lm3D_all.mat"]
+    (path,) = checkpoints.fetch([name], tmp_path, progress=False)
+    assert path == tmp_path / BFM_LANDMARKS and path.read_bytes() == lm
+    assert [p.name for p in (tmp_path / "BFM").iterdir()] == [Path(BFM_LANDMARKS).name]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -190,18 +192,18 @@ def test_plain_fetch_also_gets_the_reference_detector_and_landmarks(
     import torch
 
     handler, base = server
-    detector, landmarks = "s3fd-619a316812.pth", "2DFAN4-cd938726ad.zip"
+    detector, landmarks = S3FD, FAN
     s3fd, fan = io.BytesIO(), io.BytesIO()
     torch.save(reference_shaped_state_dict(detector), s3fd)
     torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 68, 1), torch.zeros(1, 3, 4, 4)), fan)
     handler.files.update({f"/{detector}": s3fd.getvalue(), f"/{landmarks}": fan.getvalue()})
     for name in (detector, landmarks):
         _serve(monkeypatch, name, f"{base}/{name}")
-    required = [s.name for s in registry.CHECKPOINTS.values() if s.required]
+    required = [s.name for s in checkpoints.CHECKPOINTS.values() if s.required]
     for name in required:  # present already: kept as they are
         (tmp_path / name).write_bytes(b"present")
-    paths = registry.fetch(None, tmp_path, progress=False)
+    paths = checkpoints.fetch(None, tmp_path, progress=False)
     assert {p.name for p in paths} == {*required, detector, landmarks}
     assert sorted(path for path, _, _ in handler.log) == sorted([f"/{detector}", f"/{landmarks}"])
     assert (tmp_path / detector).read_bytes() == s3fd.getvalue()
-    assert not registry.CHECKPOINTS[detector].required and not registry.CHECKPOINTS[landmarks].required
+    assert not checkpoints.CHECKPOINTS[detector].required and not checkpoints.CHECKPOINTS[landmarks].required

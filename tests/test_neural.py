@@ -17,12 +17,12 @@ import torch
 from mediagen import face_image, write_face_clip, write_tone
 
 from retalk import media
+from retalk.checkpoints import synth
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, nearest_found
 from retalk.engines.neural import render_faces
 from retalk.errors import CancelledError
 from retalk.pipeline import RedubRequest, RedubResult, redub
-from retalk.registry import synth
 from retalk.tracking import FaceTrack, track_faces
 
 RATE = Fraction(25)

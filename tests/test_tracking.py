@@ -239,7 +239,7 @@ def test_shape_predictor_missing_or_corrupt_is_a_checkpoint_error(tmp_path: Path
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match="shape_predictor_68_face_landmarks.dat not found"):
         DlibLandmarks()
-    (tmp_path / tracking.SHAPE_PREDICTOR_FILE).write_bytes(b"\0" * 1000)
+    (tmp_path / tracking.DLIB_LANDMARKS).write_bytes(b"\0" * 1000)
     landmarks = DlibLandmarks(checkpoints_dir=tmp_path)  # found: read on first use
     with pytest.raises(CheckpointError, match="not a dlib shape predictor"):
         landmarks.landmarks([FRAME], np.array([[10.0, 10.0, 50.0, 50.0]]))
@@ -579,30 +579,31 @@ def test_the_reference_tracker_keeps_s3fd_boxes_as_decoded_and_fan_points():
 @pytest.fixture
 def checkpoints(tmp_path, monkeypatch) -> Path:
     """An empty checkpoints folder, the only one searched."""
-    from retalk import registry
+    from retalk.checkpoints import catalogue
 
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    monkeypatch.setattr(registry, "default_checkpoints_dir", lambda: tmp_path / "user-cache")
+    monkeypatch.delenv(catalogue.ENV_VAR, raising=False)
+    monkeypatch.setattr(catalogue, "default_checkpoints_dir", lambda: tmp_path / "user-cache")
     (tmp_path / "checkpoints").mkdir()
     return tmp_path / "checkpoints"
 
 
 def test_reference_tracker_names_its_files_and_what_is_missing(checkpoints):
-    from retalk.tracking import FAN_FILE, S3FD_FILE, reference_tracker
+    from retalk.checkpoints.catalogue import FAN, S3FD
+    from retalk.tracking import reference_tracker
 
     with pytest.raises(
         CheckpointError, match=r"needs s3fd-619a316812\.pth and 2DFAN4-cd938726ad\.zip.*retalk models fetch"
     ) as err:
         reference_tracker(checkpoints, "cpu")
     assert "\n" not in str(err.value)
-    (checkpoints / S3FD_FILE).write_bytes(b"weights")
+    (checkpoints / S3FD).write_bytes(b"weights")
     with pytest.raises(CheckpointError, match=r"needs 2DFAN4-cd938726ad\.zip;"):
         reference_tracker(checkpoints, "cpu")
-    (checkpoints / FAN_FILE).write_bytes(b"weights")
+    (checkpoints / FAN).write_bytes(b"weights")
     tracker = reference_tracker(checkpoints, "cpu")  # nothing is loaded until the first frame
     assert tracker.key_interval is None and tracker.detect_face_size is None
-    assert f"s3fd-rgb[{S3FD_FILE}:7:" in tracker.identity and f"fan[{FAN_FILE}:7:" in tracker.identity
-    os.utime(checkpoints / S3FD_FILE, ns=(0, 0))  # a replaced file is another tracker
+    assert f"s3fd-rgb[{S3FD}:7:" in tracker.identity and f"fan[{FAN}:7:" in tracker.identity
+    os.utime(checkpoints / S3FD, ns=(0, 0))  # a replaced file is another tracker
     assert reference_tracker(checkpoints, "cpu").identity != tracker.identity
 
 
@@ -641,13 +642,13 @@ DLIB = "dlib-hog-up1-max1024+dlib68-face120-"
 def test_the_detector_follows_the_request_and_the_files(
     tmp_path, checkpoints, detector, engine, files, expected, warning
 ):
-    from retalk import registry
+    from retalk.checkpoints import synth
+    from retalk.checkpoints.catalogue import FAN, S3FD
     from retalk.pipeline.redub import choose_tracker
-    from retalk.tracking import FAN_FILE, S3FD_FILE
 
     if files == "synthetic":
-        registry.synth(checkpoints, [S3FD_FILE])
-    for name in (S3FD_FILE, FAN_FILE) if files else ():
+        synth(checkpoints, [S3FD])
+    for name in (S3FD, FAN) if files else ():
         if not (checkpoints / name).exists():
             (checkpoints / name).write_bytes(b"weights")
     tracker, warnings = choose_tracker(_request(tmp_path, checkpoints, detector), engine)

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from retalk import registry
+from retalk import checkpoints
 from retalk.commands import add_command
+from retalk.errors import CheckpointError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoints",
         type=Path,
         metavar="DIR",
-        help=f"checkpoints folder (searched first; also ${registry.ENV_VAR})",
+        help=f"checkpoints folder (searched first; also ${checkpoints.ENV_VAR})",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser = add_command(subparsers, "models")
@@ -52,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def list_command(args: argparse.Namespace) -> int:
     rows = []
-    for spec in registry.CHECKPOINTS.values():
+    for spec in checkpoints.CHECKPOINTS.values():
         try:
-            path: Path | None = registry.find_checkpoint(spec.name, args.checkpoints)
-        except registry.CheckpointError:
+            path: Path | None = checkpoints.find_checkpoint(spec.name, args.checkpoints)
+        except CheckpointError:
             path = None
         rows.append(
             {
@@ -71,11 +72,14 @@ def list_command(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"search_dirs": [str(d) for d in registry.search_dirs(args.checkpoints)], "checkpoints": rows}
+                {
+                    "search_dirs": [str(d) for d in checkpoints.search_dirs(args.checkpoints)],
+                    "checkpoints": rows,
+                }
             )
         )
         return 0
-    print("searched: " + ", ".join(str(d) for d in registry.search_dirs(args.checkpoints)))
+    print("searched: " + ", ".join(str(d) for d in checkpoints.search_dirs(args.checkpoints)))
     width = max(len(r["name"]) for r in rows)
     for row in rows:
         need = "required" if row["required"] else "default" if row["fetched_by_default"] else "optional"
@@ -87,7 +91,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    results = registry.verify(args.checkpoints)
+    results = checkpoints.verify(args.checkpoints)
     if args.json:
         print(json.dumps([r.to_dict() for r in results]))
     else:
@@ -97,8 +101,8 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def fetch_command(args: argparse.Namespace) -> int:
-    names = args.names or ([*registry.CHECKPOINTS] if args.all else None)
-    paths = registry.fetch(names, args.checkpoints, progress=not args.no_progress and not args.json)
+    names = args.names or ([*checkpoints.CHECKPOINTS] if args.all else None)
+    paths = checkpoints.fetch(names, args.checkpoints, progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps({"paths": [str(p) for p in paths]}))
     else:
@@ -109,7 +113,7 @@ def fetch_command(args: argparse.Namespace) -> int:
 
 def synth_command(args: argparse.Namespace) -> int:
     skipped: list[str] = []
-    paths = registry.synth(args.dest, args.names or None, report=skipped.append)
+    paths = checkpoints.synth(args.dest, args.names or None, report=skipped.append)
     if args.json:
         print(json.dumps({"paths": [str(p) for p in paths], "skipped": skipped}))
         return 0

@@ -31,43 +31,25 @@ import torch
 from PIL import Image
 
 import retalk
-from retalk import media
+from retalk import checkpoints, media
 from retalk.audio import mel_chunks_for_frames, melspectrogram
 from retalk.cache import ArtifactCache, cache_key
+from retalk.checkpoints.catalogue import DNET, ENET, EXPRESSION, FACE3D, GANIMATION, GFPGAN, GPEN, PARSENET
 from retalk.device import autocast, check_precision, resolve_device
 from retalk.engines import SourceClip, options_ignored_by
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, nearest_found
 from retalk.errors import CheckpointError, InputError
-from retalk.models.dnet import load_dnet
-from retalk.models.enet import load_enet
-from retalk.models.face3d import load_face3d
-from retalk.models.ganimation import expression_aus, load_ganimation
-from retalk.models.gfpgan import load_gfpgan
-from retalk.models.gpen import load_gpen
-from retalk.models.parsing import load_parsenet
+from retalk.models.ganimation import expression_aus
 from retalk.pipeline.request import RedubRequest
-from retalk.registry import find_checkpoint
 from retalk.tracking import track_faces
 
 PREPARE_FORMAT = 2  # bump when anything prepare stores changes meaning
 PREP_CHUNK = 16  # frames per reference cache file
 CACHE_KIND = "neural"
 EXPRESSION_KEYS = {"neutral": "expression_center", "smile": "expression_mouth"}
-PREPARE_CHECKPOINTS = ("face3d_pretrain_epoch_20.pth", "DNet.pt", "GPEN-BFR-512.pth", "ParseNet-latest.pth")
+PREPARE_CHECKPOINTS = (FACE3D, DNET, GPEN, PARSENET)
 ENET_NOISE, GFPGAN_NOISE = 0, 1  # noise streams of one output frame
-
-
-@functools.lru_cache(maxsize=16)
-def _load(loader: Callable, paths: tuple[Path, ...], identity: tuple, device: str) -> torch.nn.Module:
-    """Each network once per process and device (a server keeps them warm); ``identity`` (name, size,
-    mtime of every file) makes a replaced checkpoint load afresh."""
-    return loader(*paths, device=device)
-
-
-def _identity(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return path.name, stat.st_size, stat.st_mtime_ns
 
 
 # (stage output name, value): how ``retalk selftest --pipeline`` sees the images between the stages
@@ -212,20 +194,23 @@ class NeuralEngine:
     # --- models and keys ---------------------------------------------------------------------------------------
 
     def _checkpoint(self, name: str) -> Path:
-        return find_checkpoint(name, self.request.checkpoints)
+        return checkpoints.find_checkpoint(name, self.request.checkpoints)
 
-    def _model(self, loader: Callable, *names: str) -> torch.nn.Module:
-        paths = tuple(self._checkpoint(n) for n in names)
-        return _load(loader, paths, tuple(_identity(p) for p in paths), str(self.device))
+    def _file_identity(self, name: str) -> str:
+        return checkpoints.file_identity(self._checkpoint(name))
+
+    def _network(self, name: str) -> torch.nn.Module:
+        """The network of the official file ``name``, loaded once per process (a server keeps it warm)."""
+        return checkpoints.load(name, self.request.checkpoints, device=self.device)
 
     def _expression_identity(self) -> tuple:
         if self.request.expression in EXPRESSION_KEYS:
-            return self.request.expression, _identity(self._checkpoint("expression.mat"))
+            return self.request.expression, self._file_identity(EXPRESSION)
         image = Path(self.request.expression)
         return (
             "image",
             hashlib.sha256(image.read_bytes()).hexdigest(),
-            _identity(self._checkpoint(PREPARE_CHECKPOINTS[0])),
+            self._file_identity(FACE3D),
         )
 
     def _prepare_key(self, clip: SourceClip) -> str:
@@ -240,7 +225,7 @@ class NeuralEngine:
             track.hexdigest(),
             self._expression_identity(),
             self.request.precision,
-            *(_identity(self._checkpoint(n)) for n in PREPARE_CHECKPOINTS),
+            *(self._file_identity(n) for n in PREPARE_CHECKPOINTS),
         )
 
     def _seed(self, output_index: int, stream: int) -> int:
@@ -301,12 +286,12 @@ class NeuralEngine:
         height, width = frames.shape[1:3]
         geometry = self._geometry.rows(local[rows])
         outputs = [int(i) for i in np.asarray(output_index)[rows]]
-        enet = self._model(load_enet, "ENet.pth", "LNet.pth")
-        gfpgan = self._model(load_gfpgan, "GFPGANv1.3.pth")
-        parsenet = self._model(load_parsenet, "ParseNet-latest.pth")
+        enet = self._network(ENET)
+        gfpgan = self._network(GFPGAN)
+        parsenet = self._network(PARSENET)
         upper_face = None
         if self._aus is not None:
-            upper_face = self._model(load_ganimation, "30_net_gen.pth"), self._aus
+            upper_face = self._network(GANIMATION), self._aus
         with torch.inference_mode(), self._autocast():
             out[rows] = render_faces(
                 enet,
@@ -354,7 +339,7 @@ class NeuralEngine:
         return cache_key(self._key, "references", a, PREP_CHUNK)
 
     def _coefficients(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> np.ndarray:
-        face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
+        face3d = self._network(FACE3D)
         found = clip.track.found
         semantic = np.zeros((len(found), 262), np.float32)
         with torch.inference_mode(), self._autocast():
@@ -374,20 +359,18 @@ class NeuralEngine:
         if self._expression is not None:
             return self._expression
         if self.request.expression in EXPRESSION_KEYS:
-            path = self._checkpoint("expression.mat")
+            path = self._checkpoint(EXPRESSION)
             try:
                 self._expression = scipy.io.loadmat(str(path))[EXPRESSION_KEYS[self.request.expression]][0]
             except (OSError, ValueError, KeyError) as err:
-                raise CheckpointError(
-                    f"{path}: not a readable expression.mat ({err}); fetch it again"
-                ) from err
+                raise CheckpointError(f"{path}: not a readable {EXPRESSION} ({err}); fetch it again") from err
             self._expression = self._expression.astype(np.float32)
             return self._expression
         image = np.asarray(Image.open(self.request.expression).convert("RGB"))
         track = track_faces([image])
         if not track.found[0]:
             raise InputError(f"--expression {self.request.expression}: no face found in the image")
-        face3d = self._model(load_face3d, "face3d_pretrain_epoch_20.pth")
+        face3d = self._network(FACE3D)
         with torch.inference_mode(), self._autocast():
             self._expression = steps.expression_from_image(face3d, image, track.landmarks[0], self.device)
         return self._expression
@@ -408,9 +391,9 @@ class NeuralEngine:
         if keep.any():
             with torch.inference_mode(), self._autocast():
                 references[keep] = reference_faces(
-                    self._model(load_dnet, "DNet.pt"),
-                    self._model(load_gpen, "GPEN-BFR-512.pth"),
-                    self._model(load_parsenet, "ParseNet-latest.pth"),
+                    self._network(DNET),
+                    self._network(GPEN),
+                    self._network(PARSENET),
                     frames[keep],
                     self._geometry.rows(local[keep]),
                     self._semantic,

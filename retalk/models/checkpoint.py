@@ -2,7 +2,7 @@
 
 Every network module has a ``checkpoint_filter_fn(state_dict, model)`` (timm's pattern) that turns the
 official container's tensors into the module's own key names, and a ``load_<net>(path, device)`` that
-calls :func:`read_checkpoint` and :func:`load_state_dict_checked` below. Where the reference loads with
+calls :func:`read_checkpoint` and :func:`build_checked` below. Where the reference loads with
 ``strict=False``, retalk still reports every missing or unexpected key instead of keeping random weights.
 """
 
@@ -15,12 +15,13 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from retalk.errors import CheckpointError
-from retalk.registry import file_identity
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 # Modules no checkpoint needs anything from: a file that names one is refused outright (everything else
 # unknown is already made inert by the restricted reader; this only says clearly that the file was tampered with).
@@ -145,8 +146,9 @@ def read_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The state dict of ``path``: its first of ``container_keys`` (or the file itself), all tensors.
 
-    ``name`` is the official file name (e.g. ``"LNet.pth"``), used in every error message. Whatever else the
-    file holds (optimizer state, training arguments) is ignored (:func:`load_torch_file`).
+    ``name`` is the official file name (a constant of :mod:`retalk.checkpoints.catalogue`), used in every
+    error message. Whatever else the file holds (optimizer state, training arguments) is ignored
+    (:func:`load_torch_file`).
     """
     obj = load_torch_file(path, name=name)
     container_keys = tuple(container_keys)
@@ -164,21 +166,6 @@ def read_checkpoint(
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{name}: {path} does not hold {wanted} of tensors; is it the right file?")
     return dict(obj)
-
-
-@functools.lru_cache(maxsize=8)
-def _loaded(
-    loader: Callable[..., torch.nn.Module], path: Path, identity: str, device: str
-) -> torch.nn.Module:
-    return loader(path, device=device)
-
-
-def load_once(
-    loader: Callable[..., torch.nn.Module], path: str | Path, device: torch.device | str = "cpu"
-) -> torch.nn.Module:
-    """``loader(path, device=device)``, once per process (a render server keeps the network warm); a replaced
-    file (:func:`file_identity`) is loaded afresh."""
-    return _loaded(loader, Path(path), file_identity(path), str(device))
 
 
 @dataclass
@@ -205,19 +192,29 @@ class LoadReport:
         return f"{self.name}: " + ("; ".join(parts) if parts else "all keys matched")
 
 
-def load_state_dict_checked(
-    model: torch.nn.Module,
+def build_checked(
+    build: Callable[[], Module],
     state_dict: Mapping[str, torch.Tensor],
+    filter_fn: Callable[[Mapping[str, torch.Tensor], Module], Mapping[str, torch.Tensor]],
     *,
     name: str,
     allow_unexpected: bool = False,
-) -> LoadReport:
-    """Copy ``state_dict`` into ``model``; any missing key, shape mismatch (or unexpected key) is an error.
+    device: torch.device | str = "cpu",
+) -> tuple[Module, LoadReport]:
+    """``build()`` filled with ``filter_fn(state_dict, model)`` on ``device``, in eval mode, and what matched.
 
-    ``allow_unexpected`` is for files known to carry extra entries the network does not use; they are
-    still listed in the returned report.
+    The module is built on the meta device and materialised empty, so no time goes into drawing random
+    weights the file overwrites. Any missing key or shape mismatch is a CheckpointError, and so is an
+    unexpected key unless ``allow_unexpected`` (files known to carry entries the network does not use; the
+    report lists them).
     """
+    with torch.device("meta"):
+        model = build()
     own = model.state_dict()
+    tensors = {key for key, _ in (*model.named_parameters(), *model.named_buffers())}
+    if unfilled := sorted(tensors - set(own)):  # to_empty would leave them uninitialised
+        raise RuntimeError(f"{type(model).__name__} has tensors outside its state dict: {unfilled[:3]}")
+    state_dict = filter_fn(state_dict, model)
     report = LoadReport(
         name=name,
         missing=[k for k in own if k not in state_dict],
@@ -235,5 +232,6 @@ def load_state_dict_checked(
         )
     if report.missing or (report.unexpected and not allow_unexpected):
         raise CheckpointError(report.summary() + "; is this the right file for this network?")
+    model.to_empty(device=device)
     model.load_state_dict({k: state_dict[k] for k in own}, strict=True)
-    return report
+    return model.eval(), report

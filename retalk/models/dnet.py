@@ -4,7 +4,7 @@ A mapping net turns a (73, 26) window of coefficients into a 256-d descriptor; a
 hourglass) predicts a flow at 64×64 and warps the source; an editing net refines (source, warped) into the
 output. Images are RGB in [-1, 1].
 
-The reference's ``FineADAINResBlock2d`` computes a first conv/ADAIN branch and discards it (PIPELINE D17); the
+The reference's ``FineADAINResBlock2d`` computes a first conv/ADAIN branch and discards it (its output is overwritten); the
 effective block is ``x + ADAIN(conv2(x), z)``, so this module has no first branch and
 :func:`checkpoint_filter_fn` drops its keys: exact, and a third of the editing decoder's convolutions saved.
 """
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import DNET as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.pirender import (
     ADAIN,
     PIRENDER_SLOPE,
@@ -33,8 +34,6 @@ from retalk.models.pirender import (
 )
 
 _log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "DNet.pt"
 
 
 class MappingNet(nn.Module):
@@ -238,25 +237,24 @@ _KEY_RULES: tuple[tuple[str, str], ...] = (
     *PYRAMID_KEY_RULES,
 )
 
-# the discarded first branch of the editing decoder's residual blocks (PIPELINE D17)
+# the discarded first branch of the editing decoder's residual blocks (see the module docstring)
 _DEAD_BRANCH = r"^editing_net\.decoder\.res\d+\.res\d+\.(conv1|norm1)\."
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict:
-    """Official ``DNet.pt['net_G_ema']`` keys -> :class:`DNet` keys; the dead-branch entries are dropped.
+    """Official ``['net_G_ema']`` keys -> :class:`DNet` keys; the dead-branch entries are dropped.
     ``model`` is unused (timm signature)."""
     live = {k: v for k, v in state_dict.items() if not re.match(_DEAD_BRANCH, k)}
     return rename_keys(live, _KEY_RULES)
 
 
 def load_dnet(path: str | Path, device: str | torch.device = "cpu") -> DNet:
-    """Build :class:`DNet` from the official ``DNet.pt`` (``['net_G_ema']``); any missing key is an error."""
+    """Build :class:`DNet` from its official file (``['net_G_ema']``); any missing key is an error."""
     raw = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("net_G_ema",))
-    model = DNet()
-    report = load_state_dict_checked(
-        model, checkpoint_filter_fn(raw), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, report = build_checked(
+        DNet, raw, checkpoint_filter_fn, name=CHECKPOINT_NAME, allow_unexpected=True, device=device
     )
     if not report.clean:
         # the reference loads with strict=False; extra entries are ignored there too, but say so
         _log.warning("%s (ignored)", report.summary())
-    return model.eval().to(device)
+    return model

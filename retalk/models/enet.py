@@ -2,8 +2,8 @@
 modulated by a style code of the reference face. Images are BGR in [0, 1]; ``pred`` (B, 3, 384, 384) is not
 clamped (the pipeline clamps).
 
-The embedded L-Net comes only from ``LNet.pth``: the reference loader drops every ``low_res`` key of
-``ENet.pth``, so :func:`load_enet` checks ENet.pth against E-Net's own layers and nothing else.
+The embedded L-Net comes only from L-Net's own file: the reference loader drops every ``low_res`` key of
+E-Net's file, so :func:`load_enet` checks that file against E-Net's own layers and nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import ENET as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.lnet import load_lnet
 from retalk.models.stylegan2 import (
     ResBlock,
@@ -30,7 +31,6 @@ from retalk.models.stylegan2 import (
 
 _log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "ENet.pth"
 LNET_SIZE = 96
 STYLE_SIZE = 256
 PAD = 2  # reflect padding of the L-Net output; x4 up-sampling turns it into the 8 px cropped at the end
@@ -114,19 +114,20 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: ENet) -> dict[
 
 
 def load_enet(enet_path: str | Path, lnet_path: str | Path, device: str | torch.device = "cpu") -> ENet:
-    """E-Net from ``ENet.pth`` (``['state_dict']``, ``low_res`` keys dropped) with its L-Net from ``LNet.pth``."""
+    """E-Net from its official file (``['state_dict']``, ``low_res`` keys dropped) with its L-Net from L-Net's."""
     raw = read_checkpoint(enet_path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
     state_dict = {k.replace("module.", ""): v for k, v in raw.items() if "low_res" not in k}
-    # check ENet.pth before reading the much larger LNet.pth; no random init, the load overwrites every tensor
-    with torch.device("meta"):
-        model = ENet(lnet=nn.Identity())
-    own_layers = nn.ModuleDict({name: child for name, child in model.named_children() if name != "lnet"})
-    own_layers.to_empty(device="cpu")
-    report = load_state_dict_checked(
-        own_layers, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME, allow_unexpected=True
+    # E-Net's own layers are checked before the much larger L-Net file is read
+    model, report = build_checked(
+        lambda: ENet(lnet=nn.Identity()),
+        state_dict,
+        checkpoint_filter_fn,
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
     if not report.clean:
         # the reference loads with strict=False and ignores them too
         _log.warning("%s (ignored)", report.summary())
-    model.lnet = load_lnet(lnet_path)
-    return model.eval().to(device)
+    model.lnet = load_lnet(lnet_path, device=device)
+    return model

@@ -1,8 +1,8 @@
-"""Deep3DFaceRecon's coefficient regressor (``face3d_pretrain_epoch_20.pth``): ResNet-50 -> 257 3DMM numbers.
+"""Deep3DFaceRecon's coefficient regressor (its official epoch-20 checkpoint): ResNet-50 -> 257 3DMM numbers.
 
 The backbone is torchvision's ResNet-50 without its classifier; seven 1x1 conv heads on the pooled 2048-d
 feature give identity 80, expression 64, texture 80, angles 3, SH lighting 27, translation xy 2 and z 1,
-concatenated in that order (PIPELINE.md §4). The official key names are already those of this module
+concatenated in that order (the order the reference splits the coefficient row in). The official key names are already those of this module
 (``backbone.*`` in torchvision layout, ``final_layers.<i>.*``), so the filter only selects tensors.
 """
 
@@ -15,9 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "face3d_pretrain_epoch_20.pth"
+from retalk.checkpoints.catalogue import FACE3D as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 # (name, width) of the heads in output order; the widths sum to 257.
 COEFF_LAYOUT: tuple[tuple[str, int], ...] = (
@@ -53,8 +52,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ReconNet
 
 
 def load_face3d(path: str | Path, device: torch.device | str = "cpu") -> ReconNet:
-    """Build :class:`ReconNet` from ``face3d_pretrain_epoch_20.pth`` (``['net_recon']``, strict as the reference)."""
+    """Build :class:`ReconNet` from its official file (``['net_recon']``, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("net_recon",))
-    model = ReconNet()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return build_checked(ReconNet, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)[0]

@@ -1,4 +1,4 @@
-"""2D-FAN-4 landmark network (face_alignment 1.3.4's ``2DFAN4-cd938726ad.zip``) and its heat-map decoding.
+"""2D-FAN-4 landmark network (face_alignment 1.3.4's TorchScript archive) and its heat-map decoding.
 
 The official file is a TorchScript archive, loaded as such by :func:`load_fan`. :class:`FAN` is the same
 architecture in eager form (stem, four stacked hourglasses of depth 4 over 256 channels, 68 heat-maps at
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retalk.checkpoints.catalogue import FAN as CHECKPOINT_NAME
 from retalk.errors import CheckpointError
 from retalk.synthetic import deterministic_state_dict
 
-CHECKPOINT_NAME = "2DFAN4-cd938726ad.zip"
 NUM_LANDMARKS = 68
 CROP_SIZE = 256
 REFERENCE_SCALE = 195.0  # S3FD's reference scale in face_alignment: scale = (w + h) / 195
@@ -155,7 +155,7 @@ def write_synthetic_archive(path: str | Path) -> Path:
 
 
 def load_fan(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load the TorchScript archive ``2DFAN4-cd938726ad.zip``; a CheckpointError names a missing, truncated or
+    """Load the official TorchScript archive; a CheckpointError names a missing, truncated or
     non-TorchScript file, or one whose network does not map an image to 68 heat-maps at a quarter of its size."""
     path = Path(path)
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""GANimation's split generator (``30_net_gen.pth``): the optional upper-face expression edit (PIPELINE.md §11.5).
+"""GANimation's split generator: the optional upper-face expression edit (docs/DESIGN.md, deviation 8).
 
 The face (B, 3, 128, 128) in [-1, 1] is concatenated with 17 action-unit intensities broadcast over the
 image, encoded by a 7x7 conv and two stride-2 convs, six residual blocks and two transposed convs (instance
@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from retalk.checkpoints.catalogue import GANIMATION as CHECKPOINT_NAME
 from retalk.errors import InputError
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "30_net_gen.pth"
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 # Action units in the network's input order (OpenFace intensity names).
 ACTION_UNITS = (
@@ -127,11 +126,15 @@ def checkpoint_filter_fn(
 
 
 def load_ganimation(path: str | Path, device: torch.device | str = "cpu") -> GANimationGenerator:
-    """Build the generator from ``30_net_gen.pth``: a plain state dict; extra entries are ignored, as in the
+    """Build the generator from its official file: a plain state dict; extra entries are ignored, as in the
     reference (it keeps only the model's keys, then loads strictly)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = GANimationGenerator()
-    load_state_dict_checked(
-        model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, _ = build_checked(
+        GANimationGenerator,
+        state_dict,
+        checkpoint_filter_fn,
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
-    return model.eval().to(device)
+    return model

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retalk.checkpoints.catalogue import GFPGAN as CHECKPOINT_NAME
 from retalk.device import channels_last
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.stylegan2 import (
     ResBlock,
     StyleGAN2Decoder,
@@ -26,8 +27,6 @@ from retalk.models.stylegan2 import (
     resolve_noise,
     stylegan2_channels,
 )
-
-CHECKPOINT_NAME = "GFPGANv1.3.pth"
 
 
 def _sft_branch(channels: int) -> nn.Sequential:
@@ -115,10 +114,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: GFPGANv1Clean)
 
 
 def load_gfpgan(path: str | Path, device: str | torch.device = "cpu") -> GFPGANv1Clean:
-    """GFPGANv1.3.pth (``params_ema``, else ``params``) -> GFPGANv1Clean in eval mode on ``device``."""
+    """The official file (``params_ema``, else ``params``) -> GFPGANv1Clean in eval mode on ``device``."""
     sd = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("params_ema", "params"))
-    with torch.device("meta"):  # no random init: the checked load below overwrites every tensor
-        model = GFPGANv1Clean()
-    model.to_empty(device="cpu")
-    load_state_dict_checked(model, checkpoint_filter_fn(sd, model), name=CHECKPOINT_NAME)
-    return channels_last(model.eval().to(device))  # measured faster on CPU
+    model, _ = build_checked(GFPGANv1Clean, sd, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
+    return channels_last(model)  # measured faster on CPU

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retalk.checkpoints.catalogue import GPEN as CHECKPOINT_NAME
 from retalk.device import channels_last
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.pirender import rename_keys
 from retalk.models.stylegan2 import FIR_TAPS, Blur, StyleGAN2Decoder, fused_leaky_relu, stylegan2_channels
 
-CHECKPOINT_NAME = "GPEN-BFR-512.pth"
 MAPPING_LR_MUL = 0.01  # lr_mlp of the reference Generator
 
 
@@ -142,10 +142,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: GPEN) -> dict[
 
 
 def load_gpen(path: str | Path, device: str | torch.device = "cpu") -> GPEN:
-    """GPEN-BFR-512.pth (a plain state dict) -> GPEN in eval mode on ``device``."""
+    """The official file (a plain state dict) -> GPEN in eval mode on ``device``."""
     sd = read_checkpoint(path, name=CHECKPOINT_NAME)
-    with torch.device("meta"):  # no random init: the checked load below overwrites every tensor
-        model = GPEN()
-    model.to_empty(device="cpu")
-    load_state_dict_checked(model, checkpoint_filter_fn(sd, model), name=CHECKPOINT_NAME)
-    return channels_last(model.eval().to(device))  # measured faster on CPU
+    model, _ = build_checked(GPEN, sd, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
+    return channels_last(model)  # measured faster on CPU

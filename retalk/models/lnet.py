@@ -4,7 +4,7 @@ Audio encoder (Wav2Lip), two conv pyramids (masked face, reference face) joined 
 12×12, and a skip decoder whose residual blocks are LaMa fast Fourier convolutions conditioned on the audio
 feature with ADAIN. Images are BGR in [0, 1] (the reference never converts to RGB).
 
-The official ``LNet.pth`` stores spectral-normalised convs as ``weight_orig``/``weight_u``/``weight_v``; in eval
+The official file stores spectral-normalised convs as ``weight_orig``/``weight_u``/``weight_v``; in eval
 mode the reference divides by ``sigma = u·(W v)`` with the stored vectors on every call, so
 :func:`checkpoint_filter_fn` folds that division into a plain weight once (same float32 ops, same result).
 """
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import LNET as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.pirender import (
     ADAIN,
     PYRAMID_KEY_RULES,
@@ -30,8 +31,6 @@ from retalk.models.pirender import (
 )
 
 _log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "LNet.pth"
 
 
 class AudioConv(nn.Module):
@@ -304,23 +303,27 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
 
 
 def lnet_state_dict_from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference loader's transform of an unwrapped ``LNet.pth`` state dict, then :func:`checkpoint_filter_fn`.
+    """The reference loader's transform of the official file's unwrapped state dict, then :func:`checkpoint_filter_fn`.
 
     Like the reference: every key containing ``low_res`` is dropped and every ``module.`` is removed (so the
-    L-Net embedded in E-Net comes from ``LNet.pth`` only).
+    L-Net embedded in E-Net comes from L-Net's own file only).
     """
     cleaned = {k.replace("module.", ""): v for k, v in state_dict.items() if "low_res" not in k}
     return checkpoint_filter_fn(cleaned)
 
 
 def load_lnet(path: str | Path, device: str | torch.device = "cpu") -> LNet:
-    """Build :class:`LNet` from the official ``LNet.pth`` (``['state_dict']``); any missing key is an error."""
+    """Build :class:`LNet` from its official file (``['state_dict']``); any missing key is an error."""
     raw = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
-    model = LNet()
-    report = load_state_dict_checked(
-        model, lnet_state_dict_from_official(raw), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, report = build_checked(
+        LNet,
+        raw,
+        lambda state_dict, _: lnet_state_dict_from_official(state_dict),
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
     if not report.clean:
         # the reference loads with strict=False; extra entries are ignored there too, but say so
         _log.warning("%s (ignored)", report.summary())
-    return model.eval().to(device)
+    return model

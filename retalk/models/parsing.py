@@ -1,9 +1,9 @@
-"""GPEN's face parser ParseNet (``ParseNet-latest.pth``): 19-class face segmentation at 512x512.
+"""GPEN's face parser ParseNet: 19-class face segmentation at 512x512.
 
 Encoder (a 3x3 conv, four down-sampling residual blocks 512 -> 32), ten residual blocks with a long skip,
 decoder (four nearest-up residual blocks), then two 3x3 heads: 19 label logits and a 3-channel image. All
-convs reflection-pad; block convs use BatchNorm + LeakyReLU(0.2); channels are clipped to [32, 256]
-(PIPELINE.md §8 step 4, §11.3). Input: (B, 3, 512, 512) **RGB** in [-1, 1]. The pipeline only uses
+convs reflection-pad; block convs use BatchNorm + LeakyReLU(0.2); channels are clipped to [32, 256].
+It serves twice: GPEN's face-parse paste and the mouth mask of the lip blend. Input: (B, 3, 512, 512) **RGB** in [-1, 1]. The pipeline only uses
 ``argmax`` of the logits, mapped to a face-region mask by :func:`face_region_mask`.
 """
 
@@ -16,17 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retalk.checkpoints.catalogue import PARSENET as CHECKPOINT_NAME
 from retalk.device import channels_last
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
-
-CHECKPOINT_NAME = "ParseNet-latest.pth"
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
 LABELS = (
     "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
     "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
 )  # fmt: skip
-# Label sets the reference maps to 255: GPEN's face region (skin .. brows, mouth, lips; no ears, §8) and the
-# mouth mask of the lip blend (mouth interior and lips, §11.3).
+# Label sets the reference maps to 255: GPEN's face region for its paste (skin .. brows, mouth, lips; no ears)
+# and the mouth mask of the lip blend (mouth interior and lips).
 FACE_LABELS = (1, 2, 3, 4, 5, 6, 7, 10, 11, 12)
 MOUTH_LABELS = (10, 11, 12)
 
@@ -119,8 +118,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ParseNet
 
 
 def load_parsenet(path: str | Path, device: torch.device | str = "cpu") -> ParseNet:
-    """Build :class:`ParseNet` from ``ParseNet-latest.pth`` (plain state dict, strict as the reference)."""
+    """Build :class:`ParseNet` from its official file (plain state dict, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = ParseNet()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return channels_last(model.eval().to(device))  # measured faster on CPU
+    model, _ = build_checked(ParseNet, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)
+    return channels_last(model)  # measured faster on CPU

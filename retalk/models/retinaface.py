@@ -1,8 +1,8 @@
-"""GPEN's RetinaFace-ResNet50 detector (``RetinaFace-R50.pth``) with its anchors, decoding and NMS.
+"""GPEN's RetinaFace-ResNet50 detector with its anchors, decoding and NMS.
 
 ResNet-50 (torchvision layout) taps layer2..4 -> FPN (256 channels, nearest up-sampling) -> an SSH context
 module per level -> 1x1 heads with two anchors per cell: 2 class logits (soft-maxed in forward, as the
-reference's test phase does), 4 box offsets and 10 landmark offsets. Post-processing (PIPELINE.md §8, cfg_re50):
+reference's test phase does), 4 box offsets and 10 landmark offsets. Post-processing (GPEN's cfg_re50):
 anchors of min sizes (16, 32), (64, 128), (256, 512) at strides 8, 16, 32, variances (0.1, 0.2), scores > 0.9,
 NMS at IoU 0.4, best first. Input: (B, 3, H, W) **BGR**, 0..255 minus (104, 117, 123).
 """
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import RETINAFACE as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 from retalk.models.s3fd import nms
 
-CHECKPOINT_NAME = "RetinaFace-R50.pth"
 BGR_MEANS = (104.0, 117.0, 123.0)
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
@@ -245,12 +245,16 @@ def checkpoint_filter_fn(
 
 
 def load_retinaface(path: str | Path, device: torch.device | str = "cpu") -> RetinaFace:
-    """Build :class:`RetinaFace` from ``RetinaFace-R50.pth``: optional ``['state_dict']``, a leading ``module.``
+    """Build :class:`RetinaFace` from its official file: optional ``['state_dict']``, a leading ``module.``
     removed. The reference loads with strict=False; here missing keys are an error, extra ones are reported."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME, container_keys=("state_dict",))
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    model = RetinaFace()
-    load_state_dict_checked(
-        model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME, allow_unexpected=True
+    model, _ = build_checked(
+        RetinaFace,
+        state_dict,
+        checkpoint_filter_fn,
+        name=CHECKPOINT_NAME,
+        allow_unexpected=True,
+        device=device,
     )
-    return model.eval().to(device)
+    return model

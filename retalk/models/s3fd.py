@@ -1,4 +1,4 @@
-"""S3FD face detector (``s3fd-619a316812.pth``, the file face_alignment downloads) and its box decoding.
+"""S3FD face detector (the checkpoint face_alignment downloads) and its box decoding.
 
 A VGG-16 trunk (conv1_1 .. conv5_3, fc6/fc7 as convs, two extra stages) with L2-normalised taps at conv3_3,
 conv4_3 and conv5_3, and six 3x3 classification/regression heads at strides 4 .. 128. The stride-4 head
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retalk.models.checkpoint import load_state_dict_checked, read_checkpoint
+from retalk.checkpoints.catalogue import S3FD as CHECKPOINT_NAME
+from retalk.models.checkpoint import build_checked, read_checkpoint
 
-CHECKPOINT_NAME = "s3fd-619a316812.pth"
 CAFFE_MEANS = (104.0, 117.0, 123.0)
 VARIANCES = (0.1, 0.2)
 CANDIDATE_THRESHOLD = 0.05
@@ -189,8 +189,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: S3FD) ->
 
 
 def load_s3fd(path: str | Path, device: torch.device | str = "cpu") -> S3FD:
-    """Build :class:`S3FD` from ``s3fd-619a316812.pth`` (plain state dict, strict as the reference)."""
+    """Build :class:`S3FD` from its official file (plain state dict, strict as the reference)."""
     state_dict = read_checkpoint(path, name=CHECKPOINT_NAME)
-    model = S3FD()
-    load_state_dict_checked(model, checkpoint_filter_fn(state_dict, model), name=CHECKPOINT_NAME)
-    return model.eval().to(device)
+    return build_checked(S3FD, state_dict, checkpoint_filter_fn, name=CHECKPOINT_NAME, device=device)[0]

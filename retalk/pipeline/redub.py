@@ -24,12 +24,12 @@ import numpy as np
 import retalk
 from retalk import media
 from retalk.cache import ArtifactCache, FrameHasher, cache_key
+from retalk.checkpoints import find_checkpoint, is_synthetic, missing_checkpoints
 from retalk.engines import Engine, SourceClip
 from retalk.engines.preview import PreviewEngine
 from retalk.errors import CancelledError, CheckpointError, InputError, MediaError
 from retalk.pipeline.request import ProgressEvent, RedubRequest, RedubResult
 from retalk.pipeline.timing import Timeline, fit_audio, plan_timeline, samples_for_frames
-from retalk.registry import find_checkpoint, is_synthetic, missing_checkpoints
 from retalk.tracking import (
     REFERENCE_FILES,
     TRACK_FORMAT,

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from retalk.checkpoints import get_spec, synth
 from retalk.device import autocast
 from retalk.errors import InputError
-from retalk.registry import get_spec, synth
 from retalk.selftest.cases import CASES, Case
 
 # The reference data's comparison rule: rel L2 <= 1e-4 and max abs <= 1e-3 * max|ref|, in float64.

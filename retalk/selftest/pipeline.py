@@ -53,35 +53,22 @@ from retalk.align import (
     quad_from_landmarks,
 )
 from retalk.audio import mel_chunks, melspectrogram
+from retalk.checkpoints import catalogue, synth
 from retalk.engines import neural
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, enet_boxes
 from retalk.errors import InputError
-from retalk.models.dnet import load_dnet
-from retalk.models.enet import load_enet
-from retalk.models.face3d import load_face3d
-from retalk.models.gfpgan import load_gfpgan
-from retalk.models.gpen import load_gpen
-from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS, load_parsenet
-from retalk.registry import synth
+from retalk.models.parsing import FACE_LABELS, MOUTH_LABELS
 from retalk.synthetic import noise_tensor, tensor_sha256
 
 FILES = ("inputs.npz", "geometry.npz", "images.npz", "calls.npz", "meta.json")
-CHECKPOINTS = {
-    "face3d": ("face3d_pretrain_epoch_20.pth",),
-    "DNet": ("DNet.pt",),
-    "GPEN": ("GPEN-BFR-512.pth",),
-    "ParseNet": ("ParseNet-latest.pth",),
-    "ENet": ("ENet.pth", "LNet.pth"),
-    "GFPGAN": ("GFPGANv1.3.pth",),
-}
-LOADERS = {
-    "face3d": load_face3d,
-    "DNet": load_dnet,
-    "GPEN": load_gpen,
-    "ParseNet": load_parsenet,
-    "ENet": load_enet,
-    "GFPGAN": load_gfpgan,
+NETWORKS = {  # the recorded run's name of each network: its official file
+    "face3d": catalogue.FACE3D,
+    "DNet": catalogue.DNET,
+    "GPEN": catalogue.GPEN,
+    "ParseNet": catalogue.PARSENET,
+    "ENet": catalogue.ENET,
+    "GFPGAN": catalogue.GFPGAN,
 }
 MAX_BLOB = 64  # pixels: a connected run of differing pixels larger than this is a shifted or swapped region
 FACE_MARGIN = 0.25  # the face region of the PSNR: the E-Net box grown by this fraction of its size
@@ -384,18 +371,20 @@ class Networks:
     """The six networks, rule-filled, each behind a :class:`Recorded`; E-Net's inner L-Net input is kept too."""
 
     def __init__(self, checkpoints: Path, device: torch.device) -> None:
-        synth(checkpoints, [name for names in CHECKPOINTS.values() for name in names])
+        specs = {name: catalogue.get_spec(file) for name, file in NETWORKS.items()}
+        synth(checkpoints, [file for spec in specs.values() for file in spec.files])
         self.device = device
         self._memory = tempfile.TemporaryDirectory(prefix="retalk-pipeline-calls-")
         memory = Path(self._memory.name)
         self.lnet_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.nets = {
+            # built afresh, not through checkpoints.load's per-process cache: the hooks below stay on these
             name: Recorded(
-                LOADERS[name](*(checkpoints / f for f in CHECKPOINTS[name]), device=device),
+                catalogue.resolve_loader(spec)(*(checkpoints / f for f in spec.files), device=device),
                 memory,
                 self.lnet_inputs if name == "ENet" else None,
             )
-            for name in CHECKPOINTS
+            for name, spec in specs.items()
         }
         self.nets["ENet"].module.lnet.register_forward_hook(
             lambda module, args, out: self.lnet_inputs.append(
