@@ -78,8 +78,8 @@ def image_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def tensor_images(images: torch.Tensor) -> np.ndarray:
-    """(n, C, H, W) on any device -> (n, H, W, C) array."""
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    """(n, C, H, W) on any device -> (n, H, W, C) array (contiguous, as OpenCV wants its images)."""
+    return np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -42,15 +42,20 @@ def _pad_reflect101(images: torch.Tensor, before: int, after: int, dim: int) -> 
     return images.index_select(dim, _reflect101(index, size))
 
 
-def _filter_separable(images: torch.Tensor, kernel: torch.Tensor, anchor: int | None = None) -> torch.Tensor:
-    """Each channel correlated with ``kernel`` along x then y, BORDER_REFLECT_101 (float images)."""
+def _correlate(images: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """F.conv2d in the images' own dtype: the networks' bf16/fp16 autocast must not round the image work."""
+    with torch.autocast(images.device.type, enabled=False):
+        return F.conv2d(images, weight.to(images.dtype), stride=stride)
+
+
+def _filter_separable(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Each channel correlated with the odd-sized ``kernel`` along x then y, BORDER_REFLECT_101 (float
+    images)."""
     n, c, h, w = images.shape
     k = len(kernel)
-    before = k // 2 if anchor is None else anchor
     flat = images.reshape(n * c, 1, h, w)
-    weight = kernel.to(images.dtype).reshape(1, 1, 1, k)
-    flat = F.conv2d(_pad_reflect101(flat, before, k - 1 - before, 3), weight)
-    flat = F.conv2d(_pad_reflect101(flat, before, k - 1 - before, 2), weight.reshape(1, 1, k, 1))
+    flat = _correlate(_pad_reflect101(flat, k // 2, k // 2, 3), kernel.reshape(1, 1, 1, k))
+    flat = _correlate(_pad_reflect101(flat, k // 2, k // 2, 2), kernel.reshape(1, 1, k, 1))
     return flat.reshape(n, c, h, w)
 
 
@@ -200,8 +205,8 @@ def pyr_down(images: torch.Tensor) -> torch.Tensor:
     exact = images.dtype == torch.uint8
     flat = (images.float() if exact else images).reshape(n * c, 1, h, w)
     taps = torch.tensor(PYR_TAPS, dtype=flat.dtype, device=images.device)
-    flat = F.conv2d(_pad_reflect101(flat, 2, 2, 3), taps.reshape(1, 1, 1, 5), stride=(1, 2))
-    flat = F.conv2d(_pad_reflect101(flat, 2, 2, 2), taps.reshape(1, 1, 5, 1), stride=(2, 1))
+    flat = _correlate(_pad_reflect101(flat, 2, 2, 3), taps.reshape(1, 1, 1, 5), stride=(1, 2))
+    flat = _correlate(_pad_reflect101(flat, 2, 2, 2), taps.reshape(1, 1, 5, 1), stride=(2, 1))
     out = flat.reshape(n, c, (h + 1) // 2, (w + 1) // 2)
     return _round_to_uint8(out / 256) if exact else out / 256
 

@@ -38,10 +38,7 @@ def image_ops(device: torch.device, choice: str = "auto") -> str:
 def crop_resized(images: torch.Tensor, boxes: Sequence[Sequence[int]], size: int) -> torch.Tensor:
     """:func:`neural_steps.crop_resized` of each image at its box: (n, C, size, size)."""
     return torch.cat(
-        [
-            ti.resize(image[None, :, y1:y2, x1:x2], (size, size))
-            for image, (x1, y1, x2, y2) in zip(images, boxes, strict=True)
-        ]
+        [ti.resize(cut(image, box)[None], (size, size)) for image, box in zip(images, boxes, strict=True)]
     )
 
 
@@ -193,25 +190,21 @@ def render_faces(
     # 4. the mouth of GFPGAN's face blended into the pasted face
     local_boxes = [a.local(b) for a, b in zip(areas, boxes, strict=True)]
     mouths = mouth_masks(parsenet, restored, local_boxes, device)
-    with_mouths = pasted  # pasted is not needed any more: the mouth-blended areas go into it
-    for k, (r, m, a) in enumerate(zip(restored, mouths, areas, strict=True)):
-        x1, y1, x2, y2 = a.box
-        region = with_mouths[k : k + 1, :, y1:y2, x1:x2]
-        region[:] = blend_in_area(r[None], region, m, a.size, steps.MOUTH_LEVELS)
+    # the blended areas go into the pasted frames: each area holds its E-Net box, so these are the original
+    # frames with the areas written in (the OpenCV path's _with_area)
+    for frame, r, m, a in zip(pasted, restored, mouths, areas, strict=True):
+        region = cut(frame, a.box)
+        region[:] = blend_in_area(r[None], region[None], m, a.size, steps.MOUTH_LEVELS)[0]
     if trace:
-        trace(
-            "pp",
-            [steps.tensor_images(cut(f, a.box)[None])[0] for f, a in zip(with_mouths, areas, strict=True)],
-        )
+        trace("pp", [steps.tensor_images(cut(f, a.box)[None])[0] for f, a in zip(pasted, areas, strict=True)])
     # 5. the face-parse paste onto the original frame, from GPEN's crop of the whole mouth-blended frame
     forwards, inverses = zip(
         *(gpen_warp_matrices(p, FACE_TEMPLATE_GPEN_512) for p in geometry.paste_points), strict=True
     )
-    inverses = np.stack(inverses)
-    aligned = ti.warp_affine(with_mouths, np.stack(forwards), ALIGNED)
-    del with_mouths, pasted
+    aligned = ti.warp_affine(pasted, np.stack(forwards), ALIGNED)
+    del pasted
     masks = steps.parse_face_tensors(parsenet, aligned, steps.FACE_LABELS, device)
-    final = face_parse_paste(aligned, masks, inverses, on_device, boxes, areas)
+    final = face_parse_paste(aligned, masks, np.stack(inverses), on_device, boxes, areas)
     out = frames.copy()
     for frame, area, face in zip(out, areas, final, strict=True):
         x1, y1, x2, y2 = area.box
