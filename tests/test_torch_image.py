@@ -17,6 +17,7 @@ import torch
 from mediagen import face_image
 
 from retalk.blend import laplacian_pyramid_blend
+from retalk.device import autocast
 from retalk.engines import neural_steps as steps
 from retalk.engines import torch_image as ti
 from retalk.engines import torch_steps
@@ -209,3 +210,28 @@ def test_render_faces_torch_path_is_the_opencv_path(scene, whole_frame):
         got, want = rendered["torch traced"][name], rendered["opencv traced"][name]
         assert [np.shape(g) for g in got] == [np.shape(w) for w in want]
         assert np.abs(np.asarray(got[0], int) - np.asarray(want[0], int)).mean() < 0.5
+
+
+def test_render_faces_torch_path_ignores_autocast(scene):
+    """Under the networks' bf16 autocast the image work stays in float32: stand-ins without convolutions
+    render exactly what they render without it."""
+    frame, geometry, reference = scene
+    area = steps.face_area(geometry.enet_boxes[0], 480, 360)
+    rendered = []
+    for precision in ("fp32", "bf16"):
+        with autocast(CPU, precision):
+            rendered.append(
+                render_faces(
+                    *_rule_networks(),
+                    frame[None],
+                    geometry,
+                    np.zeros((1, 80, 16)),
+                    reference,
+                    [],
+                    [],
+                    [area],
+                    CPU,
+                    image_ops="torch",
+                )  # fmt: skip
+            )
+    np.testing.assert_array_equal(rendered[1], rendered[0])
