@@ -111,19 +111,22 @@ def warp_affine(
     sx, sy = _warp_positions(matrices, size, images.device)
     x0, y0 = sx.floor(), sy.floor()
     fx, fy = (sx - x0).reshape(n, 1, -1), (sy - y0).reshape(n, 1, -1)
-    x0, y0 = x0.long(), y0.long()
+    # a two-pixel ring of the border value: a neighbour outside the image reads it, positions further out
+    # are clamped onto it
     border = torch.as_tensor(border_value, dtype=torch.float32, device=images.device).reshape(-1)
-    border = border.expand(c).reshape(1, c, 1)
-    flat = images.reshape(n, c, h * w)
+    padded = border.expand(c).reshape(1, c, 1, 1).repeat(n, 1, h + 4, w + 4)
+    padded[:, :, 2:-2, 2:-2] = images
+    flat = padded.reshape(n, c, -1)
+    x0 = x0.long().clamp_(-2, w) + 2
+    y0 = y0.long().clamp_(-2, h) + 2
+    top_left = (y0 * (w + 4) + x0).reshape(n, 1, -1).expand(n, c, -1)
 
-    def pixels(dx: int, dy: int) -> torch.Tensor:
-        x, y = x0 + dx, y0 + dy
-        inside = ((x >= 0) & (x < w) & (y >= 0) & (y < h)).reshape(n, 1, -1)
-        index = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).reshape(n, 1, -1).expand(n, c, -1)
-        return torch.where(inside, flat.gather(2, index).float(), border)
+    def pixels(offset: int) -> torch.Tensor:
+        return flat.gather(2, top_left + offset)
 
-    top = pixels(0, 0) + fx * (pixels(1, 0) - pixels(0, 0))
-    bottom = pixels(0, 1) + fx * (pixels(1, 1) - pixels(0, 1))
+    p00, p01, p10, p11 = (pixels(offset) for offset in (0, 1, w + 4, w + 5))
+    top = p00 + fx * (p01 - p00)
+    bottom = p10 + fx * (p11 - p10)
     out = (top + fy * (bottom - top)).reshape(n, c, size[1], size[0])
     if images.dtype == torch.uint8:
         return out.round().clamp(0, 255).to(torch.uint8)
