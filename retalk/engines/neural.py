@@ -36,7 +36,7 @@ from retalk.audio import mel_chunks_for_frames, melspectrogram
 from retalk.cache import ArtifactCache, cache_key
 from retalk.checkpoints.catalogue import DNET, ENET, EXPRESSION, FACE3D, GANIMATION, GFPGAN, GPEN, PARSENET
 from retalk.device import autocast, check_precision, resolve_device
-from retalk.engines import SourceClip, options_ignored_by
+from retalk.engines import SourceClip, options_ignored_by, torch_steps
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, nearest_found
 from retalk.errors import CheckpointError, InputError
@@ -122,9 +122,17 @@ def render_faces(
     device: torch.device,
     upper_face: tuple[torch.nn.Module, torch.Tensor] | None = None,
     trace: Trace = _no_trace,
+    image_ops: str = "auto",
 ) -> np.ndarray:
     """Frames (n, H, W, 3) RGB with a face, lip-synced to their mel windows (n, 80, 16); each face is
-    post-processed in its blend area. ``upper_face``: GANimation and its action units."""
+    post-processed in its blend area. ``upper_face``: GANimation and its action units. ``image_ops``: the
+    image work between the networks in NumPy/OpenCV ("opencv", the parity path) or in torch on ``device``
+    ("torch"); "auto" takes torch on CUDA (retalk.engines.torch_steps.image_ops)."""
+    if torch_steps.image_ops(device, image_ops) == "torch":
+        return torch_steps.render_faces(
+            enet, gfpgan, parsenet, frames, geometry, mel, references, enet_noise, gfpgan_noise, areas, device,
+            upper_face, None if trace is _no_trace else trace,
+        )  # fmt: skip
     boxes = geometry.enet_boxes
     # 1. E-Net: the lower half of each face from its mel window and reference
     faces = np.stack([steps.crop_resized(f, b, steps.FACE_SIZE) for f, b in zip(frames, boxes, strict=True)])

@@ -72,6 +72,16 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     )  # a copy: inputs may be read-only
 
 
+def image_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, H, W, C) -> (n, C, H, W) on ``device``, the same dtype (a copy: inputs may be read-only)."""
+    return torch.tensor(images, device=device).permute(0, 3, 1, 2)
+
+
+def tensor_images(images: torch.Tensor) -> np.ndarray:
+    """(n, C, H, W) on any device -> (n, H, W, C) array (contiguous, as OpenCV wants its images)."""
+    return np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy())
+
+
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """(n, 3, H, W) float in [0, 1] -> (n, H, W, 3) uint8, truncated as the reference does."""
     return (images.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -176,15 +186,22 @@ def stabilize(
 def parse_faces(
     parsenet: nn.Module, faces512: np.ndarray, labels: Sequence[int], device: torch.device
 ) -> np.ndarray:
-    """(n, 512, 512) uint8 masks, 255 where ParseNet's label is in ``labels``. The input is scaled in float64
-    and then cast, as GPEN's FaceParse does (float32 arithmetic rounds half of the values differently)."""
+    """(n, 512, 512) uint8 masks, 255 where ParseNet's label is in ``labels``."""
+    return parse_face_tensors(parsenet, image_tensor(faces512, device), labels, device).cpu().numpy()
+
+
+def parse_face_tensors(
+    parsenet: nn.Module, faces512: torch.Tensor, labels: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """:func:`parse_faces` of (n, 3, 512, 512) uint8 tensors on ``device``: (n, 512, 512) uint8 masks there. The
+    input is scaled in float64 and then cast, as GPEN's FaceParse does (float32 arithmetic rounds half of the
+    values differently)."""
 
     def forward(items: slice) -> torch.Tensor:
-        x = torch.from_numpy((faces512[items] / 255.0 * 2 - 1).astype(np.float32)).permute(0, 3, 1, 2)
-        return parsenet(x.to(device))[0]
+        return parsenet((faces512[items].double() / 255.0 * 2 - 1).float())[0]
 
     logits = _in_batches(forward, len(faces512), "parsenet", device)
-    return face_region_mask(logits, labels).cpu().numpy()
+    return face_region_mask(logits, labels)
 
 
 def gpen_align(images: np.ndarray, points5: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +387,20 @@ def lip_sync(
 ) -> np.ndarray:
     """E-Net mouths (n, 384, 384, 3) RGB for RGB crops with their references, (n, 80, 16) mel windows and the
     four StyleConv noise maps (n, 1, H, W) (row k is frame k's)."""
-    img_batch = _to_tensor(enet_inputs(faces, references), device)
+    inputs = image_tensor(enet_inputs(faces, references), device)
+    return tensor_images(lip_sync_tensors(enet, mel, inputs, noise, device))
+
+
+def lip_sync_tensors(
+    enet: nn.Module,
+    mel: np.ndarray,
+    inputs: torch.Tensor,
+    noise: Sequence[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`lip_sync` of :func:`enet_inputs` as an (n, 6, 384, 384) uint8 tensor on ``device``: the mouths
+    (n, 3, 384, 384) uint8 RGB there."""
+    img_batch = inputs.float() / 255
     mel_batch = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)).to(device)[:, None]
     pred = _in_batches(
         lambda s: enet(mel_batch[s], img_batch[s], img_batch[s, 3:], noise=[z[s] for z in noise])[0],
@@ -378,7 +408,7 @@ def lip_sync(
         "enet",
         device,
     )  # [n, 6, 384, 384] -> [n, 3, 384, 384]
-    return _to_uint8(pred)[..., ::-1].copy()  # BGR -> RGB
+    return (pred.clamp(0, 1) * 255).to(torch.uint8).flip(1)  # truncated as _to_uint8; BGR -> RGB
 
 
 def edit_upper_face(
@@ -475,15 +505,36 @@ def gfpgan_noise_shapes(gfpgan: nn.Module) -> list[tuple[int, int]]:
 def restore_gfpgan(
     gfpgan: nn.Module, crops: np.ndarray, noise: Sequence[torch.Tensor], device: torch.device
 ) -> np.ndarray:
-    """GFPGAN v1.3 on 512 crops with per-layer noise maps (n, 1, h, w): (n, 512, 512, 3) uint8, rounded as
-    basicsr's tensor2img rounds."""
+    """GFPGAN v1.3 on 512 crops with per-layer noise maps (n, 1, h, w): (n, 512, 512, 3) uint8."""
+    return tensor_images(restore_gfpgan_tensors(gfpgan, image_tensor(crops, device), noise, device))
+
+
+def restore_gfpgan_tensors(
+    gfpgan: nn.Module, crops: torch.Tensor, noise: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """:func:`restore_gfpgan` of (n, 3, 512, 512) uint8 tensors on ``device``, the same shape and place out,
+    rounded as basicsr's tensor2img rounds."""
     out = _in_batches(
-        lambda s: gfpgan(_to_tensor(crops[s], device) * 2 - 1, noise=[z[s] for z in noise]),
+        lambda s: gfpgan(crops[s].float() / 255 * 2 - 1, noise=[z[s] for z in noise]),
         len(crops),
         "gfpgan",
         device,
     )
-    return ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return ((out.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+
+
+def paste_back_region(matrix: np.ndarray, area: BlendArea, width: int, height: int) -> tuple[Box, np.ndarray]:
+    """Where :func:`paste_back_restored` works in a ``width`` x ``height`` frame: the area's box together with
+    the restored square's footprint, and the crop -> that region map."""
+    inverse = cv2.invertAffineTransform(matrix)  # crop -> frame
+    corners = np.array(
+        [[0, 0, 1], [ALIGNED_SIZE, 0, 1], [0, ALIGNED_SIZE, 1], [ALIGNED_SIZE, ALIGNED_SIZE, 1]]
+    )
+    foot = corners @ inverse.T
+    x1, y1, x2, y2 = area.box
+    ux1, uy1 = max(min(x1, int(foot[:, 0].min()) - 2), 0), max(min(y1, int(foot[:, 1].min()) - 2), 0)
+    ux2, uy2 = min(max(x2, int(foot[:, 0].max()) + 3), width), min(max(y2, int(foot[:, 1].max()) + 3), height)
+    return (ux1, uy1, ux2, uy2), _shifted(inverse, ux1, uy1)
 
 
 def paste_back_restored(
@@ -494,17 +545,9 @@ def paste_back_restored(
 
     It runs over the box together with the square's footprint: the soft mask's width depends on the whole
     eroded square, as facexlib sums it over the whole frame."""
-    height, width = frame.shape[:2]
-    inverse = cv2.invertAffineTransform(matrix)  # crop -> frame
-    corners = np.array(
-        [[0, 0, 1], [ALIGNED_SIZE, 0, 1], [0, ALIGNED_SIZE, 1], [ALIGNED_SIZE, ALIGNED_SIZE, 1]]
-    )
-    foot = corners @ inverse.T
-    x1, y1, x2, y2 = area.box
-    ux1, uy1 = max(min(x1, int(foot[:, 0].min()) - 2), 0), max(min(y1, int(foot[:, 1].min()) - 2), 0)
-    ux2, uy2 = min(max(x2, int(foot[:, 0].max()) + 3), width), min(max(y2, int(foot[:, 1].max()) + 3), height)
+    (ux1, uy1, ux2, uy2), inverse = paste_back_region(matrix, area, frame.shape[1], frame.shape[0])
     size = (ux2 - ux1, uy2 - uy1)
-    inverse = _shifted(inverse, ux1, uy1)
+    x1, y1, x2, y2 = area.box
     face = cv2.warpAffine(restored, inverse, size)
     mask = cv2.erode(
         cv2.warpAffine(np.ones((ALIGNED_SIZE,) * 2, np.float32), inverse, size), np.ones((2, 2), np.uint8)
@@ -534,7 +577,7 @@ def mouth_masks(
     return [mask_in_box(m, b, r.shape) for r, b, m in zip(restored, boxes, masks512, strict=True)]
 
 
-def _levels(wanted: int, size: tuple[int, int]) -> int:
+def pyramid_levels(wanted: int, size: tuple[int, int]) -> int:
     """Pyramid levels for an image of ``size``: ``wanted``, fewer where the image is too small for them."""
     return max(1, min(wanted, int(np.log2(min(size))) + 1))
 
@@ -549,7 +592,7 @@ def blend_in_area(
     resized = (w, h) != tuple(size)
     if resized:
         a, b, mask = (cv2.resize(x, tuple(size)) for x in (a, b, mask))
-    out = np.clip(laplacian_pyramid_blend(a, b, mask, _levels(levels, size)), 0, 255)
+    out = np.clip(laplacian_pyramid_blend(a, b, mask, pyramid_levels(levels, size)), 0, 255)
     return np.uint8(cv2.resize(out, (w, h)) if resized else out)
 
 
@@ -585,13 +628,22 @@ def _feathered(
     """``blended`` faded into ``original`` towards the area's edges that lie inside the frame, over half the
     margin between the box and that edge: the blend's coarse pyramid levels never leave a seam where the area
     ends. Edges on the frame's border stay as they are (the whole frame: no change at all)."""
-    h, w = original.shape[:2]
+    fade = feather_fade(area, width, height, box)
+    if fade is None:
+        return blended
+    return np.rint(original + (blended.astype(np.float32) - original) * fade[:, :, None]).astype(np.uint8)
+
+
+def feather_fade(area: BlendArea, width: int, height: int, box: Box) -> np.ndarray | None:
+    """:func:`_feathered`'s weight of the blend, (h, w) float32 over the area, for a ``width`` x ``height``
+    frame and the E-Net ``box`` in area coordinates; None where no edge of the area lies inside the frame."""
     ax1, ay1, ax2, ay2 = area.box
+    w, h = ax2 - ax1, ay2 - ay1
     x1, y1, x2, y2 = box
     inner = [(ax1 > 0, x1), (ay1 > 0, y1), (ax2 < width, w - x2), (ay2 < height, h - y2)]
     margins = [m for inside, m in inner if inside]
     if not margins:
-        return blended
+        return None
     ramp = max(min(margins) // 2, 1)
     far = np.float32(1e9)
     ys, xs = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
@@ -599,5 +651,4 @@ def _feathered(
         np.minimum(xs if ax1 > 0 else far, xs[::-1] if ax2 < width else far)[None, :],
         np.minimum(ys if ay1 > 0 else far, ys[::-1] if ay2 < height else far)[:, None],
     )
-    fade = np.clip(to_edge / ramp, 0, 1)[:, :, None]
-    return np.rint(original + (blended.astype(np.float32) - original) * fade).astype(np.uint8)
+    return np.clip(to_edge / ramp, 0, 1)
