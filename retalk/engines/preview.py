@@ -66,17 +66,6 @@ class MouthDrive:
     width: np.ndarray  # (n,) in [-1, 1]: negative = rounded/narrow, positive = spread
 
 
-def _attack_release(x: np.ndarray, dt: float, attack: float, release: float) -> np.ndarray:
-    """One-pole smoothing that follows rises within ``attack`` seconds and falls within ``release``."""
-    a_up, a_down = 1 - np.exp(-dt / attack), 1 - np.exp(-dt / release)
-    out = np.empty_like(x)
-    state = x[0] if len(x) else 0.0
-    for i, v in enumerate(x):
-        state += (a_up if v > state else a_down) * (v - state)
-        out[i] = state
-    return out
-
-
 def _gaussian_smoothing(x: np.ndarray, sigma: float) -> np.ndarray:
     """``x`` convolved with a Gaussian of ``sigma`` samples, the ends held (scipy.ndimage would cost a third
     of a second to import, on the path of every preview)."""
@@ -110,7 +99,8 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     if loud <= 1e-8:
         return MouthDrive(np.zeros(n_frames), np.zeros(n_frames))
     gate = 0.08 * loud  # below this the mouth is closed (breath, room noise)
-    openness = np.clip((rms - gate) / (loud - gate), 0, 1) ** 0.7
+    # linear in the RMS: a compressive map opens the mouth as wide for half-loud sounds and blurs the syllables
+    openness = np.clip((rms - gate) / (loud - gate), 0, 1)
     voiced = openness > 0.1
     log_c = np.log(np.maximum(centroid, 1.0))
     if voiced.sum() >= 2:
@@ -123,7 +113,7 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     # lips round and spread over a syllable, not from frame to frame: the width (a noisy spectral feature)
     # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag)
     width = _gaussian_smoothing(width, WIDTH_SMOOTHING / dt)
-    return MouthDrive(np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1), np.clip(width, -1, 1))
+    return MouthDrive(openness, np.clip(width, -1, 1))
 
 
 def pose_mouth(
@@ -260,7 +250,13 @@ def _erase_old_mouth(
 
 
 def _paste_mouth(
-    roi: np.ndarray, origin: np.ndarray, lm: np.ndarray, posed: np.ndarray, mouth: Mouth, eye_distance: float
+    roi: np.ndarray,
+    origin: np.ndarray,
+    lm: np.ndarray,
+    posed: np.ndarray,
+    mouth: Mouth,
+    eye_distance: float,
+    opacity: float = 1.0,
 ) -> None:
     """The exemplar ``mouth`` warped so that its lip points land on the posed ones, colour-matched to the skin
     around the lips and feather-blended into ``roi`` (whose pixel (0, 0) is frame pixel ``origin``). The
@@ -298,7 +294,8 @@ def _paste_mouth(
     cv2.polylines(
         grown, [contour], True, 255, 2 * max(round(MOUTH_MARGIN * eye_distance), 1) + 1, cv2.LINE_AA, 4
     )
-    alpha = cv2.GaussianBlur(grown, (0, 0), max(MOUTH_FEATHER * eye_distance, 0.8)).astype(np.float32) / 255
+    alpha = cv2.GaussianBlur(grown, (0, 0), max(MOUTH_FEATHER * eye_distance, 0.8)).astype(np.float32)
+    alpha *= np.float32(opacity / 255)
     target = roi[y0:y1, x0:x1]
     skin = (alpha > 0.05) & (inside == 0)
     if skin.any():
@@ -317,11 +314,12 @@ def render_frame(
     mouth: Mouth | None = None,
     synthesis: float = 0.0,
     motion: np.ndarray = DEFAULT_MOTION,
+    previous: Mouth | None = None,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
-    face moving with the opening as ``motion`` says (:func:`pose_mouth`);
-    without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
+    face moving with the opening as ``motion`` says (:func:`pose_mouth`), over the exemplar ``previous`` at
+    half strength where the plan cuts between exemplars (a cut shown in two half steps); without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
     the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
@@ -358,8 +356,10 @@ def render_frame(
         source = frame[y0:y1, x0:x1]
         mixed = np.clip(np.rint(source + alpha * (warped.astype(np.float32) - source)), 0, 255)
         np.copyto(roi, mixed.astype(np.uint8), where=active[..., None])
+    if previous is not None:
+        _paste_mouth(roi, origin, lm, posed, previous, eye_distance)
     if mouth is not None:
-        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance)
+        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance, 1.0 if previous is None else 0.5)
     if mouth is None or synthesis > 0:
         _shade_mouth(
             roi,
@@ -408,6 +408,11 @@ class PreviewEngine:
         drive = mouth_drive(wav16k, rate, n_frames)
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
+        # and their own pace: loudness changes faster than a mouth does, so the opening is scaled down until
+        # it changes from frame to frame no more, on average, than the person's does in the clip
+        speed = np.abs(np.diff(drive.openness)).mean() * reach if n_frames > 1 else 0.0
+        if speed > index.pace > 0:
+            reach *= index.pace / speed
         drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
         if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
             self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
@@ -430,6 +435,14 @@ class PreviewEngine:
             f"frames ({synthesised / n_frames:.0%}) need; their inner mouth is partly synthesised"
         ]
 
+    def _cut_from(self, i: int) -> Mouth | None:
+        """The exemplar shown before output frame ``i`` when the plan cuts from it to another at ``i``."""
+        if i == 0:
+            return None
+        a, b = self.plan.exemplar[i - 1], self.plan.exemplar[i]
+        frames = self.index.frames
+        return None if a < 0 or frames[b] - frames[a] in (0, 1) else self.index.mouth(a)
+
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
     ) -> np.ndarray:
@@ -450,5 +463,6 @@ class PreviewEngine:
                     mouth=self.index.mouth(plan.exemplar[i]),
                     synthesis=plan.synthesis[i],
                     motion=self.index.motion,
+                    previous=self._cut_from(i),
                 )
         return out
