@@ -1,15 +1,16 @@
 """The weight-free preview engine: a landmark-driven mouth re-animation that runs in real time on a CPU.
 
-Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape);
+Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape),
+the opening scaled to the person's own reach and pace (it changes no faster than their mouth in the clip);
 the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
 D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
 and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
 :mod:`retalk.engines.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
-the skin around them and feather-blended. Where the clip never opens its mouth as wide as the target, the
-inner mouth is shaded dark with a hint of upper teeth instead (the synthesis the engine used before it had
-exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
+the skin around them and feather-blended; a cut between exemplars fades in over CUT_FADE frames. Where the
+clip never opens its mouth as wide as the target, the inner mouth is shaded dark with a hint of upper teeth
+instead (the synthesis the engine used before it had exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
 face is bit-identical to the source; a frame's pixels depend only on its source frame, the clip's mouth
-index and the audio, never on which frames were rendered before it.
+index and the audio plan, never on which frames were rendered before it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ MOUTH_MARGIN, MOUTH_FEATHER = 0.08, 0.04  # eye distances
 # How far an exemplar's inner mouth may be stretched open: up to STRETCH times its own opening plus SLACK
 # eye distances; beyond that the synthesised cavity fades in over RAMP more.
 STRETCH, SLACK, RAMP = 1.3, 0.02, 0.03
+# A cut between exemplars is shown in even steps rather than one jump: in the frames right after it, the new
+# mouth is laid at these opacities over the old one.
+CUT_FADE = (1 / 3, 2 / 3)
 
 
 @dataclass(frozen=True)
@@ -315,11 +319,12 @@ def render_frame(
     synthesis: float = 0.0,
     motion: np.ndarray = DEFAULT_MOTION,
     previous: Mouth | None = None,
+    opacity: float = 1.0,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
-    face moving with the opening as ``motion`` says (:func:`pose_mouth`), over the exemplar ``previous`` at
-    half strength where the plan cuts between exemplars (a cut shown in two half steps); without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
+    face moving with the opening as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
+    ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
     the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
@@ -359,7 +364,7 @@ def render_frame(
     if previous is not None:
         _paste_mouth(roi, origin, lm, posed, previous, eye_distance)
     if mouth is not None:
-        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance, 1.0 if previous is None else 0.5)
+        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance, opacity)
     if mouth is None or synthesis > 0:
         _shade_mouth(
             roi,
@@ -376,8 +381,8 @@ def render_frame(
 class MouthPlan:
     """What the engine shows in each output frame, decided once for the whole output in ``listen``."""
 
-    drive: MouthDrive  # the mouth parameters, opening scaled to the person's own reach
-    targets: np.ndarray  # (n, 3) the mouth_shapes the drive asks for
+    drive: MouthDrive  # the mouth parameters, opening scaled to the person's own reach and pace
+    targets: np.ndarray  # (n, 3) the mouth_shapes the exemplars are chosen for: the drive's at the full reach
     exemplar: np.ndarray  # (n,) row of the clip's MouthIndex shown
     synthesis: np.ndarray  # (n,) weight of the synthesised cavity over the exemplar's inner mouth, 0..1
 
@@ -408,24 +413,29 @@ class PreviewEngine:
         drive = mouth_drive(wav16k, rate, n_frames)
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
+        full = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
         # and their own pace: loudness changes faster than a mouth does, so the opening is scaled down until
-        # it changes from frame to frame no more, on average, than the person's does in the clip
-        speed = np.abs(np.diff(drive.openness)).mean() * reach if n_frames > 1 else 0.0
-        if speed > index.pace > 0:
-            reach *= index.pace / speed
-        drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        # it changes from frame to frame no more, on average, than the person's does in the clip. The
+        # exemplars are still chosen at the full reach: a loud vowel shows the person's widest mouths (teeth
+        # and all), posed a little less open.
+        speed = np.abs(np.diff(full.openness)).mean() * MAX_OPEN if n_frames > 1 else 0.0
+        pace = min(index.pace / speed, 1.0) if index.pace > 0 and speed > 0 else 1.0
+        drive = MouthDrive(full.openness * pace, drive.width)
         if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
             self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
             return []
-        targets = np.array(
-            [
-                mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
-                for o, w in zip(drive.openness, drive.width, strict=True)
-            ]
-        ).reshape(-1, 3)
+        targets, posed = (
+            np.array(
+                [
+                    mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
+                    for o, w in zip(d.openness, d.width, strict=True)
+                ]
+            ).reshape(-1, 3)
+            for d in (full, drive)
+        )
         exemplar = choose_mouths(index, targets)
         stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
-        synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
+        synthesis = np.clip((posed[:, 0] - stretched) / RAMP, 0, 1)
         self.plan = MouthPlan(drive, targets, exemplar, synthesis)
         synthesised = int(np.count_nonzero(synthesis))
         if not synthesised:
@@ -435,13 +445,17 @@ class PreviewEngine:
             f"frames ({synthesised / n_frames:.0%}) need; their inner mouth is partly synthesised"
         ]
 
-    def _cut_from(self, i: int) -> Mouth | None:
-        """The exemplar shown before output frame ``i`` when the plan cuts from it to another at ``i``."""
-        if i == 0:
-            return None
-        a, b = self.plan.exemplar[i - 1], self.plan.exemplar[i]
-        frames = self.index.frames
-        return None if a < 0 or frames[b] - frames[a] in (0, 1) else self.index.mouth(a)
+    def _fading_from(self, i: int) -> tuple[Mouth | None, float]:
+        """Where output frame ``i`` is one of the first len(CUT_FADE) frames after a cut in the plan, the
+        exemplar cut from and the new mouth's opacity over it; else (None, 1.0)."""
+        exemplar, frames = self.plan.exemplar, self.index.frames
+        for back, opacity in enumerate(CUT_FADE):
+            j = i - back
+            if j < 1:
+                break
+            if frames[exemplar[j]] - frames[exemplar[j - 1]] not in (0, 1):  # neither a hold nor forward play
+                return self.index.mouth(exemplar[j - 1]), opacity
+        return None, 1.0
 
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
@@ -454,6 +468,7 @@ class PreviewEngine:
         out = frames.copy()
         for k, (s, i) in enumerate(zip(source_index - self.clip.start, output_index, strict=True)):
             if track.found[s]:
+                previous, opacity = self._fading_from(i)
                 render_frame(
                     frames[k],
                     track.landmarks[s],
@@ -463,6 +478,7 @@ class PreviewEngine:
                     mouth=self.index.mouth(plan.exemplar[i]),
                     synthesis=plan.synthesis[i],
                     motion=self.index.motion,
-                    previous=self._cut_from(i),
+                    previous=previous,
+                    opacity=opacity,
                 )
         return out
