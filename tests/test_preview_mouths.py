@@ -18,7 +18,7 @@ from retalk import media
 from retalk.cache import ArtifactCache
 from retalk.engines import SourceClip, mouths
 from retalk.engines.mouths import INNER_LIP, face_axes, inner_lip_gap
-from retalk.engines.preview import PreviewEngine, mouth_drive, pose_mouth, render_frame
+from retalk.engines.preview import MAX_OPEN, MIN_REACH, PreviewEngine, mouth_drive, pose_mouth, render_frame
 from retalk.pipeline import RedubRequest, redub
 from retalk.tracking import DlibDetector, DlibLandmarks, Tracker, track_faces
 
@@ -199,6 +199,42 @@ def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     assert out <= 1.02 * flat_change
     assert out < greedy_change
     assert out <= own
+
+
+def test_the_mouth_moves_at_the_persons_pace_and_shows_their_widest_mouths(redubbed):
+    """The posed opening changes from frame to frame no faster, on average, than the person's own in the clip
+    (the drive alone would be faster), while the exemplars are chosen for the opening at the full reach."""
+    plan, index = redubbed["engine"].plan, redubbed["engine"].index
+    own = np.abs(
+        np.diff(inner_lip_gap(redubbed["track"].landmarks) / face_axes(redubbed["track"].landmarks)[2])
+    )
+    posed = np.abs(np.diff(plan.drive.openness * MAX_OPEN)).mean()
+    asked = np.abs(np.diff(redubbed["drive"].openness * np.clip(index.reach, MIN_REACH, MAX_OPEN))).mean()
+    print(
+        f"{redubbed['clip']}: opening change per frame: posed {posed:.4f}, clip {index.pace:.4f}, drive {asked:.4f}"
+    )
+    assert index.pace == pytest.approx(own.mean())
+    assert posed == pytest.approx(index.pace) and asked > 1.2 * index.pace
+    assert plan.targets[:, 0].max() > 1.2 * (plan.drive.openness.max() * MAX_OPEN)
+
+
+def test_a_cut_between_exemplars_fades_in_over_two_frames(redubbed):
+    """Right after a cut the new mouth lies at 1/3, then 2/3 over the one cut from; holds and forward play
+    do not fade."""
+    engine = redubbed["engine"]
+    exemplar, frames = engine.plan.exemplar, engine.index.frames
+    cuts = np.flatnonzero(~np.isin(np.diff(frames[exemplar]), (0, 1))) + 1
+    assert len(cuts)
+    for i in range(len(exemplar)):
+        previous, opacity = engine._fading_from(i)
+        if i in cuts:
+            expected = (exemplar[i - 1], 1 / 3)
+        elif i - 1 in cuts:
+            expected = (exemplar[i - 2], 2 / 3)
+        else:
+            assert previous is None and opacity == 1.0
+            continue
+        assert np.array_equal(previous.patch, engine.index.patches[expected[0]]) and opacity == expected[1]
 
 
 def test_the_report_says_how_often_the_clip_could_not_open_wide_enough(redubbed):
