@@ -18,7 +18,15 @@ from retalk import media
 from retalk.cache import ArtifactCache
 from retalk.engines import SourceClip, mouths
 from retalk.engines.mouths import INNER_LIP, face_axes, inner_lip_gap
-from retalk.engines.preview import MAX_OPEN, MIN_REACH, PreviewEngine, mouth_drive, pose_mouth, render_frame
+from retalk.engines.preview import (
+    MAX_OPEN,
+    MIN_REACH,
+    PACE_WEIGHT,
+    PreviewEngine,
+    mouth_drive,
+    pose_mouth,
+    render_frame,
+)
 from retalk.pipeline import RedubRequest, redub
 from retalk.tracking import DlibDetector, DlibLandmarks, Tracker, track_faces
 
@@ -174,7 +182,7 @@ def test_open_mouths_have_the_clips_own_texture(redubbed):
 def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     """Frame-to-frame change in the mouth box: the person's own mouths change no more (2 % leeway) than the
     flat synthesis following the same motion, less than choosing each frame's best exemplar on its own
-    (no cut costs), and no more than the clip's own speech does."""
+    (no cut costs), and within 10 % of the clip's own speech."""
     engine, frames, track = redubbed["engine"], redubbed["frames"], redubbed["track"]
     plan, everything = engine.plan, np.arange(len(frames))
     for name in ("HOLD", "CUT", "CUT_PER_FRAME", "CUT_MAX"):
@@ -198,12 +206,13 @@ def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     )
     assert out <= 1.02 * flat_change
     assert out < greedy_change
-    assert out <= own
+    assert out <= 1.1 * own  # PACE_WEIGHT: the opening kept near the person's costs about 5 %
 
 
 def test_the_mouth_moves_at_the_persons_pace_and_shows_their_widest_mouths(redubbed):
-    """The posed opening changes from frame to frame no faster, on average, than the person's own in the clip
-    (the drive alone would be faster), while the exemplars are chosen for the opening at the full reach."""
+    """The posed opening's mean frame-to-frame change moves from the drive's toward the person's own in the clip
+    (PACE_WEIGHT of the way, as a power of their ratio), while the exemplars are chosen for the opening at the
+    full reach."""
     plan, index = redubbed["engine"].plan, redubbed["engine"].index
     own = np.abs(
         np.diff(inner_lip_gap(redubbed["track"].landmarks) / face_axes(redubbed["track"].landmarks)[2])
@@ -214,7 +223,8 @@ def test_the_mouth_moves_at_the_persons_pace_and_shows_their_widest_mouths(redub
         f"{redubbed['clip']}: opening change per frame: posed {posed:.4f}, clip {index.pace:.4f}, drive {asked:.4f}"
     )
     assert index.pace == pytest.approx(own.mean())
-    assert posed == pytest.approx(index.pace) and asked > 1.2 * index.pace
+    assert asked > 1.2 * index.pace
+    assert posed == pytest.approx(asked * (index.pace / asked) ** PACE_WEIGHT)
     assert plan.targets[:, 0].max() > 1.2 * (plan.drive.openness.max() * MAX_OPEN)
 
 
