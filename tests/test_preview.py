@@ -160,6 +160,7 @@ def _index(frames, openings, doubt=None):
         np.zeros(k) if doubt is None else np.asarray(doubt),
         np.zeros((68, 2)),
         0.2,
+        0.0,
         mouths.DEFAULT_MOTION,
     )
 

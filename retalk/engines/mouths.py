@@ -135,6 +135,8 @@ class MouthIndex:
     doubt: np.ndarray  # (K,) how far apart two estimates of its opening are (eye distances)
     rest: np.ndarray  # (68, 2) the clip's median face in patch pixels: what target shapes are posed on
     reach: float  # how wide the person opens their mouth when speaking (98th percentile, eye distances)
+    pace: float  # how fast: the mean change of their opening from one frame to the next (eye distances;
+    # 0 where the clip cannot tell, as for the motion)
     motion: np.ndarray  # (68,) how the person's face moves as the mouth opens (opening_motion)
 
     def __len__(self) -> int:
@@ -161,14 +163,19 @@ def opening_motion(landmarks: np.ndarray) -> np.ndarray:
     return motion
 
 
-def _from_track(track: FaceTrack) -> tuple[np.ndarray, float, np.ndarray]:
-    """The rest face, the reach and the motion of a :class:`MouthIndex` (see there)."""
+def _from_track(track: FaceTrack) -> tuple[np.ndarray, float, float, np.ndarray]:
+    """The rest face, the reach, the pace and the motion of a :class:`MouthIndex` (see there)."""
     if not track.found.any():
-        return np.zeros((68, 2)), 0.0, DEFAULT_MOTION
+        return np.zeros((68, 2)), 0.0, 0.0, DEFAULT_MOTION
     landmarks = track.landmarks[track.found]
+    openings = mouth_shapes(landmarks)[:, 0]
+    # frame-to-frame changes only between frames that both show the face
+    steps = np.diff(openings)[np.diff(np.flatnonzero(track.found)) == 1]
+    speaks = len(steps) >= MIN_MOTION_FRAMES and openings.std() >= MIN_MOTION_SPREAD
     return (
         np.median(to_patch(landmarks), axis=0),
-        float(np.percentile(mouth_shapes(landmarks)[:, 0], 98)),
+        float(np.percentile(openings, 98)),
+        float(np.abs(steps).mean()) if speaks else 0.0,
         opening_motion(landmarks),
     )
 

@@ -1,15 +1,16 @@
 """The weight-free preview engine: a landmark-driven mouth re-animation that runs in real time on a CPU.
 
-Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape);
+Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape),
+the opening scaled to the person's own reach and pace (it changes no faster than their mouth in the clip);
 the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
 D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
 and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
 :mod:`retalk.engines.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
-the skin around them and feather-blended. Where the clip never opens its mouth as wide as the target, the
-inner mouth is shaded dark with a hint of upper teeth instead (the synthesis the engine used before it had
-exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
+the skin around them and feather-blended; a cut between exemplars fades in over CUT_FADE frames. Where the
+clip never opens its mouth as wide as the target, the inner mouth is shaded dark with a hint of upper teeth
+instead (the synthesis the engine used before it had exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
 face is bit-identical to the source; a frame's pixels depend only on its source frame, the clip's mouth
-index and the audio, never on which frames were rendered before it.
+index and the audio plan, never on which frames were rendered before it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ MOUTH_MARGIN, MOUTH_FEATHER = 0.08, 0.04  # eye distances
 # How far an exemplar's inner mouth may be stretched open: up to STRETCH times its own opening plus SLACK
 # eye distances; beyond that the synthesised cavity fades in over RAMP more.
 STRETCH, SLACK, RAMP = 1.3, 0.02, 0.03
+# A cut between exemplars is shown in even steps rather than one jump: in the frames right after it, the new
+# mouth is laid at these opacities over the old one.
+CUT_FADE = (1 / 3, 2 / 3)
+# How far the opening's speed moves toward the person's own (as a power of the ratio of the two): all the way
+# (1) meets their frame-to-frame change but leaves loud vowels at about two thirds of their own opening, which
+# reads as mumbling; halfway keeps the opening near theirs at a change about 5 % above their own
+PACE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,17 +72,6 @@ class MouthDrive:
 
     openness: np.ndarray  # (n,) in [0, 1]
     width: np.ndarray  # (n,) in [-1, 1]: negative = rounded/narrow, positive = spread
-
-
-def _attack_release(x: np.ndarray, dt: float, attack: float, release: float) -> np.ndarray:
-    """One-pole smoothing that follows rises within ``attack`` seconds and falls within ``release``."""
-    a_up, a_down = 1 - np.exp(-dt / attack), 1 - np.exp(-dt / release)
-    out = np.empty_like(x)
-    state = x[0] if len(x) else 0.0
-    for i, v in enumerate(x):
-        state += (a_up if v > state else a_down) * (v - state)
-        out[i] = state
-    return out
 
 
 def _gaussian_smoothing(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -110,7 +107,8 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     if loud <= 1e-8:
         return MouthDrive(np.zeros(n_frames), np.zeros(n_frames))
     gate = 0.08 * loud  # below this the mouth is closed (breath, room noise)
-    openness = np.clip((rms - gate) / (loud - gate), 0, 1) ** 0.7
+    # linear in the RMS: a compressive map opens the mouth as wide for half-loud sounds and blurs the syllables
+    openness = np.clip((rms - gate) / (loud - gate), 0, 1)
     voiced = openness > 0.1
     log_c = np.log(np.maximum(centroid, 1.0))
     if voiced.sum() >= 2:
@@ -123,7 +121,7 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
     # lips round and spread over a syllable, not from frame to frame: the width (a noisy spectral feature)
     # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag)
     width = _gaussian_smoothing(width, WIDTH_SMOOTHING / dt)
-    return MouthDrive(np.clip(_attack_release(openness, dt, 0.02, 0.07), 0, 1), np.clip(width, -1, 1))
+    return MouthDrive(openness, np.clip(width, -1, 1))
 
 
 def pose_mouth(
@@ -260,7 +258,13 @@ def _erase_old_mouth(
 
 
 def _paste_mouth(
-    roi: np.ndarray, origin: np.ndarray, lm: np.ndarray, posed: np.ndarray, mouth: Mouth, eye_distance: float
+    roi: np.ndarray,
+    origin: np.ndarray,
+    lm: np.ndarray,
+    posed: np.ndarray,
+    mouth: Mouth,
+    eye_distance: float,
+    opacity: float = 1.0,
 ) -> None:
     """The exemplar ``mouth`` warped so that its lip points land on the posed ones, colour-matched to the skin
     around the lips and feather-blended into ``roi`` (whose pixel (0, 0) is frame pixel ``origin``). The
@@ -298,7 +302,8 @@ def _paste_mouth(
     cv2.polylines(
         grown, [contour], True, 255, 2 * max(round(MOUTH_MARGIN * eye_distance), 1) + 1, cv2.LINE_AA, 4
     )
-    alpha = cv2.GaussianBlur(grown, (0, 0), max(MOUTH_FEATHER * eye_distance, 0.8)).astype(np.float32) / 255
+    alpha = cv2.GaussianBlur(grown, (0, 0), max(MOUTH_FEATHER * eye_distance, 0.8)).astype(np.float32)
+    alpha *= np.float32(opacity / 255)
     target = roi[y0:y1, x0:x1]
     skin = (alpha > 0.05) & (inside == 0)
     if skin.any():
@@ -317,11 +322,13 @@ def render_frame(
     mouth: Mouth | None = None,
     synthesis: float = 0.0,
     motion: np.ndarray = DEFAULT_MOTION,
+    previous: Mouth | None = None,
+    opacity: float = 1.0,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
-    face moving with the opening as ``motion`` says (:func:`pose_mouth`);
-    without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
+    face moving with the opening as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
+    ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
     the mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
@@ -358,8 +365,10 @@ def render_frame(
         source = frame[y0:y1, x0:x1]
         mixed = np.clip(np.rint(source + alpha * (warped.astype(np.float32) - source)), 0, 255)
         np.copyto(roi, mixed.astype(np.uint8), where=active[..., None])
+    if previous is not None:
+        _paste_mouth(roi, origin, lm, posed, previous, eye_distance)
     if mouth is not None:
-        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance)
+        _paste_mouth(roi, origin, lm, posed, mouth, eye_distance, opacity)
     if mouth is None or synthesis > 0:
         _shade_mouth(
             roi,
@@ -376,8 +385,8 @@ def render_frame(
 class MouthPlan:
     """What the engine shows in each output frame, decided once for the whole output in ``listen``."""
 
-    drive: MouthDrive  # the mouth parameters, opening scaled to the person's own reach
-    targets: np.ndarray  # (n, 3) the mouth_shapes the drive asks for
+    drive: MouthDrive  # the mouth parameters, opening scaled to the person's own reach and pace
+    targets: np.ndarray  # (n, 3) the mouth_shapes the exemplars are chosen for: the drive's at the full reach
     exemplar: np.ndarray  # (n,) row of the clip's MouthIndex shown
     synthesis: np.ndarray  # (n,) weight of the synthesised cavity over the exemplar's inner mouth, 0..1
 
@@ -408,19 +417,29 @@ class PreviewEngine:
         drive = mouth_drive(wav16k, rate, n_frames)
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
-        drive = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        full = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        # and toward their own pace: loudness changes faster than a mouth does, so the opening is scaled down
+        # toward the person's mean frame-to-frame change in the clip (PACE_WEIGHT). The exemplars are still
+        # chosen at the full reach: a loud vowel shows the person's widest mouths (teeth and all), posed a
+        # little less open.
+        speed = np.abs(np.diff(full.openness)).mean() * MAX_OPEN if n_frames > 1 else 0.0
+        pace = min(index.pace / speed, 1.0) ** PACE_WEIGHT if index.pace > 0 and speed > 0 else 1.0
+        drive = MouthDrive(full.openness * pace, drive.width)
         if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
             self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
             return []
-        targets = np.array(
-            [
-                mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
-                for o, w in zip(drive.openness, drive.width, strict=True)
-            ]
-        ).reshape(-1, 3)
+        targets, posed = (
+            np.array(
+                [
+                    mouth_shapes(pose_mouth(index.rest, o, w, index.motion))
+                    for o, w in zip(d.openness, d.width, strict=True)
+                ]
+            ).reshape(-1, 3)
+            for d in (full, drive)
+        )
         exemplar = choose_mouths(index, targets)
         stretched = index.shapes[exemplar, 0] * STRETCH + SLACK
-        synthesis = np.clip((targets[:, 0] - stretched) / RAMP, 0, 1)
+        synthesis = np.clip((posed[:, 0] - stretched) / RAMP, 0, 1)
         self.plan = MouthPlan(drive, targets, exemplar, synthesis)
         synthesised = int(np.count_nonzero(synthesis))
         if not synthesised:
@@ -429,6 +448,18 @@ class PreviewEngine:
             f"exemplar mouths: the clip's own mouth never opens as wide as {synthesised} of {n_frames} output "
             f"frames ({synthesised / n_frames:.0%}) need; their inner mouth is partly synthesised"
         ]
+
+    def _fading_from(self, i: int) -> tuple[Mouth | None, float]:
+        """Where output frame ``i`` is one of the first len(CUT_FADE) frames after a cut in the plan, the
+        exemplar cut from and the new mouth's opacity over it; else (None, 1.0)."""
+        exemplar, frames = self.plan.exemplar, self.index.frames
+        for back, opacity in enumerate(CUT_FADE):
+            j = i - back
+            if j < 1:
+                break
+            if frames[exemplar[j]] - frames[exemplar[j - 1]] not in (0, 1):  # neither a hold nor forward play
+                return self.index.mouth(exemplar[j - 1]), opacity
+        return None, 1.0
 
     def render_chunk(
         self, frames: np.ndarray, source_index: np.ndarray, output_index: np.ndarray
@@ -441,6 +472,7 @@ class PreviewEngine:
         out = frames.copy()
         for k, (s, i) in enumerate(zip(source_index - self.clip.start, output_index, strict=True)):
             if track.found[s]:
+                previous, opacity = self._fading_from(i)
                 render_frame(
                     frames[k],
                     track.landmarks[s],
@@ -450,5 +482,7 @@ class PreviewEngine:
                     mouth=self.index.mouth(plan.exemplar[i]),
                     synthesis=plan.synthesis[i],
                     motion=self.index.motion,
+                    previous=previous,
+                    opacity=opacity,
                 )
         return out
