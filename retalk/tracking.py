@@ -19,6 +19,7 @@ Its ``identity`` names all of them, so a track cached under it is never reused b
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -393,6 +394,13 @@ class FaceTrack:
 
     def faceless_ranges(self) -> list[tuple[int, int]]:
         return faceless_ranges(self.found)
+
+    def digest(self) -> str:
+        """sha256 of every array of the track: the part of a cache key that says which track a result used."""
+        digest = hashlib.sha256()
+        for array in (self.boxes, self.landmarks, self.found, self.raw_boxes):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     def save(self, path: str | Path) -> None:
         """Write an .npz (atomically: a temp file renamed onto ``path``)."""

@@ -17,7 +17,6 @@ Audio-driven, in ``listen``:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -243,13 +242,6 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 
 
-def _track_digest(track: FaceTrack) -> str:
-    digest = hashlib.sha256()
-    for array in (track.landmarks, track.found, track.raw_boxes):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
 def _load(path, track: FaceTrack) -> MouthIndex:
     try:
         with np.load(path) as data:
@@ -275,9 +267,7 @@ def _load(path, track: FaceTrack) -> MouthIndex:
 def mouth_index(clip: SourceClip, report: Callable[[str, int, int], None]) -> tuple[MouthIndex, bool]:
     """The clip's mouth index from ``clip.cache`` when these frames with this track were indexed before
     (True), else built (and stored)."""
-    key = cache_key(
-        "preview-mouths", INDEX_FORMAT, retalk.__version__, clip.content_key, _track_digest(clip.track)
-    )
+    key = cache_key("preview-mouths", INDEX_FORMAT, retalk.__version__, clip.content_key, clip.track.digest())
     cached = clip.cache.get(CACHE_KIND, key) if clip.cache is not None else None
     if cached is not None:
         try:

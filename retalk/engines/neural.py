@@ -222,15 +222,12 @@ class NeuralEngine:
         )
 
     def _prepare_key(self, clip: SourceClip) -> str:
-        track = hashlib.sha256()
-        for array in (clip.track.boxes, clip.track.landmarks, clip.track.found, clip.track.raw_boxes):
-            track.update(np.ascontiguousarray(array).tobytes())
         return cache_key(
             "neural-prepare",
             PREPARE_FORMAT,
             retalk.__version__,
             clip.content_key,
-            track.hexdigest(),
+            clip.track.digest(),
             self._expression_identity(),
             self.request.precision,
             *(self._file_identity(n) for n in PREPARE_CHECKPOINTS),
