@@ -43,10 +43,12 @@ class Engine(Protocol):
     ``render_chunk`` the rest: ``frames`` (n, H, W, 3) uint8 RGB are clip frames ``source_index`` shown as
     output frames ``output_index``; it returns new frames. Frames without a face are put back untouched by
     the pipeline whatever the engine returns for them. ``ignores`` names the ``RedubRequest`` fields it does not
-    honour: the pipeline warns when one of them is set away from its default."""
+    honour: the pipeline warns when one of them is set away from its default. ``fast_encode``: the output is a
+    draft, encoded for speed rather than size (``media.VideoWriter(fast=True)``)."""
 
     name: str
     ignores: tuple[str, ...]
+    fast_encode: bool
 
     def prepare(self, clip: SourceClip, report: Callable[[str, int, int], None]) -> list[str]: ...
 

@@ -145,6 +145,11 @@ class MouthIndex:
         return Mouth(self.patches[row], self.lips[row])
 
 
+def _mouth_moves(openings: np.ndarray, samples: int) -> bool:
+    """Whether a clip's mouth openings vary enough, over enough samples, to learn how the person moves."""
+    return samples >= MIN_MOTION_FRAMES and openings.std() >= MIN_MOTION_SPREAD
+
+
 def opening_motion(landmarks: np.ndarray) -> np.ndarray:
     """How far each point moves down the face per unit of inner-lip opening (68,), learnt from the faces
     ``landmarks`` (n, 68, 2) of one person: the least-squares slope of each point's height in the face's own
@@ -152,7 +157,7 @@ def opening_motion(landmarks: np.ndarray) -> np.ndarray:
     half as far (a fixed model that drops it all the way moves the lower face twice as much as the person
     would). DEFAULT_MOTION when the mouth opens too little, in too few frames, to tell."""
     opening = mouth_shapes(landmarks)[:, 0]
-    if len(landmarks) < MIN_MOTION_FRAMES or opening.std() < MIN_MOTION_SPREAD:
+    if not _mouth_moves(opening, len(landmarks)):
         return DEFAULT_MOTION
     heights = to_patch(landmarks)[:, MOTION_POINTS, 1] / PATCH_EYE_DISTANCE
     centred = opening - opening.mean()
@@ -170,7 +175,7 @@ def _from_track(track: FaceTrack) -> tuple[np.ndarray, float, float, np.ndarray]
     openings = mouth_shapes(landmarks)[:, 0]
     # frame-to-frame changes only between frames that both show the face
     steps = np.diff(openings)[np.diff(np.flatnonzero(track.found)) == 1]
-    speaks = len(steps) >= MIN_MOTION_FRAMES and openings.std() >= MIN_MOTION_SPREAD
+    speaks = _mouth_moves(openings, len(steps))
     return (
         np.median(to_patch(landmarks), axis=0),
         float(np.percentile(openings, 98)),

@@ -182,6 +182,7 @@ class NeuralEngine:
 
     name = "neural"
     ignores = options_ignored_by("neural")
+    fast_encode = False  # the networks dominate: the encoder's time buys a smaller file
 
     def __init__(self, request: RedubRequest) -> None:
         self.request = request

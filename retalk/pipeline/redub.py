@@ -360,7 +360,7 @@ class PreparedRedub:
             color=info.color,
             audio=self.wav_out if audio else None,
             audio_rate=OUTPUT_AUDIO_RATE,
-            fast=self.engine.name == "preview",  # a preview is looked at once: encode it fast
+            fast=self.engine.fast_encode,
         )
 
     def result(self) -> RedubResult:
