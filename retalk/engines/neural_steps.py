@@ -370,11 +370,14 @@ def enet_noise_shapes() -> list[tuple[int, int]]:
     return [(2 * side, 2 * side)] * 2 + [(4 * side, 4 * side)] * 2
 
 
+ENET_CHANNELS = [2, 1, 0, 5, 4, 3]  # the RGB face and the RGB reference, each in E-Net's BGR order
+
+
 def enet_inputs(faces: np.ndarray, references: np.ndarray) -> np.ndarray:
     """(n, 384, 384, 6) uint8 BGR: each face with its lower half blacked out, then its reference."""
     masked = faces.copy()
     masked[:, FACE_SIZE // 2 :] = 0  # the lower half the network fills in
-    return np.concatenate([masked, references], axis=3)[..., [2, 1, 0, 5, 4, 3]]
+    return np.concatenate([masked, references], axis=3)[..., ENET_CHANNELS]
 
 
 def lip_sync(

@@ -167,7 +167,7 @@ def render_faces(
     faces = crop_resized(on_device, boxes, steps.FACE_SIZE)
     masked = faces.clone()
     masked[:, :, steps.FACE_SIZE // 2 :] = 0  # neural_steps.enet_inputs: the lower half, then BGR
-    inputs = torch.cat([masked, steps.image_tensor(references, device)], 1)[:, [2, 1, 0, 5, 4, 3]]
+    inputs = torch.cat([masked, steps.image_tensor(references, device)], 1)[:, steps.ENET_CHANNELS]
     pred = steps.lip_sync_tensors(enet, mel, inputs, enet_noise, device)
     # 2. optional upper-face expression (GANimation's step stays on arrays)
     if upper_face is not None:
