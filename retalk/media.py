@@ -523,7 +523,8 @@ def read_audio(
     """Mono float32 samples at `sample_rate` from any file with an audio stream, cut sample-exactly.
 
     The first sample is ``round(start * sample_rate)`` of the whole file resampled (as librosa.load does:
-    channels averaged, resampy kaiser_best: :func:`resample_kaiser_best`), and at most ``round(duration * sample_rate)`` samples follow.
+    channels averaged, resampy kaiser_best: :func:`resample_kaiser_best`), and at most
+    ``round(duration * sample_rate)`` samples follow.
     A file that ends early gives fewer samples (none if `start` is past the end): padding or refusing a short
     audio is the caller's policy. Only the requested range (plus a resampler margin) is kept in memory.
     """
@@ -655,12 +656,10 @@ def resample_kaiser_best(x: np.ndarray, source_rate: int, rate: int) -> np.ndarr
                     np.clip(first + direction * i, 0, len(x) - 1)
                 ]
                 if i >= taps.min():
-                    term[i >= taps] = (
-                        0.0  # past this sample's wing (adding 0 leaves the float32 sum as it is)
-                    )
-                np.add(
-                    acc, term, out=acc, casting="unsafe"
-                )  # float64 sum, stored as float32, as resampy does
+                    # past this sample's wing (adding 0 leaves the float32 sum as it is)
+                    term[i >= taps] = 0.0
+                # a float64 sum, stored as float32, as resampy does
+                np.add(acc, term, out=acc, casting="unsafe")
     # librosa's fix_length: ceil(len * ratio) samples, zero-padded at the end
     length = int(np.ceil(len(x) * ratio))
     return np.concatenate([out[:length], np.zeros(max(length - count, 0), x.dtype)])

@@ -451,8 +451,9 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _smooth_runs(values: np.ndarray, found: np.ndarray, window: int, order: int) -> np.ndarray:
     """Savitzky-Golay along axis 0 within each run of found frames (the window shrinks for short runs)."""
-    from scipy.signal import savgol_filter  # here: scipy.signal takes a second or two to import, and a
-    # re-dub whose track comes from the cache never smooths
+    # imported here: scipy.signal takes a second or two to import, and a re-dub whose track comes from the
+    # cache never smooths
+    from scipy.signal import savgol_filter
 
     out = values.copy()
     for a, b in _runs(found):

@@ -85,14 +85,12 @@ class CheckpointSpec:
     about: str  # approximate size for `retalk models list`, not a check
     purpose: str
     required: bool = False  # needed by the neural engine by default
-    fetched_by_default: bool = (
-        False  # optional, yet a plain `retalk models fetch` gets it (used when present)
-    )
+    # optional, yet a plain `retalk models fetch` gets it (used when present)
+    fetched_by_default: bool = False
     reads_also: tuple[str, ...] = ()  # further official files the loader takes, in order, after this one
     in_archive: bool = False  # ``url`` is a zip; the file is its member of the same base name
-    variables: Mapping[str, tuple[int, int]] = field(
-        default_factory=dict
-    )  # .mat: name -> (rows, min columns)
+    # .mat: variable name -> (rows, min columns)
+    variables: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     variable_dtype: str = "float64"  # .mat: what the rule-filled stand-in stores
     size: int | None = None
     sha256: str | None = None

@@ -1,16 +1,17 @@
 """The weight-free preview engine: a landmark-driven mouth re-animation that runs in real time on a CPU.
 
 Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape),
-the opening scaled to the person's own reach and pace (it changes no faster than their mouth in the clip);
-the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
+the opening scaled to the person's own reach and moved toward their pace (how fast their mouth changes in the
+clip: PACE_WEIGHT); the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
 D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
 and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
 :mod:`retalk.engines.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
 the skin around them and feather-blended; a cut between exemplars fades in over CUT_FADE frames. Where the
 clip never opens its mouth as wide as the target, the inner mouth is shaded dark with a hint of upper teeth
-instead (the synthesis the engine used before it had exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the lower
-face is bit-identical to the source; a frame's pixels depend only on its source frame, the clip's mouth
-index and the audio plan, never on which frames were rendered before it.
+instead (the synthesis the engine used before it had exemplars). Pixels whose warp triangles do not move are
+copied unchanged, so everything away from the lower face is bit-identical to the source; a frame's pixels
+depend only on its source frame, the clip's mouth index and the audio plan, never on which frames were
+rendered before it.
 """
 
 from __future__ import annotations
@@ -328,8 +329,9 @@ def render_frame(
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
     face moving with the opening as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
-    ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and
-    the mouth do not touch are the source's, bit for bit."""
+    ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is
+    erased and the cavity synthesised in full. Pixels the warp and the mouth do not touch are the source's,
+    bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)

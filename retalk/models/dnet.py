@@ -4,8 +4,8 @@ A mapping net turns a (73, 26) window of coefficients into a 256-d descriptor; a
 hourglass) predicts a flow at 64×64 and warps the source; an editing net refines (source, warped) into the
 output. Images are RGB in [-1, 1].
 
-The reference's ``FineADAINResBlock2d`` computes a first conv/ADAIN branch and discards it (its output is overwritten); the
-effective block is ``x + ADAIN(conv2(x), z)``, so this module has no first branch and
+The reference's ``FineADAINResBlock2d`` computes a first conv/ADAIN branch and discards it (its output is
+overwritten); the effective block is ``x + ADAIN(conv2(x), z)``, so this module has no first branch and
 :func:`checkpoint_filter_fn` drops its keys: exact, and a third of the editing decoder's convolutions saved.
 """
 
@@ -242,7 +242,7 @@ _DEAD_BRANCH = r"^editing_net\.decoder\.res\d+\.res\d+\.(conv1|norm1)\."
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict:
-    """Official ``['net_G_ema']`` keys -> :class:`DNet` keys; the dead-branch entries are dropped.
+    """The official file's ``['net_G_ema']`` keys -> :class:`DNet` keys; the dead-branch entries are dropped.
     ``model`` is unused (timm signature)."""
     live = {k: v for k, v in state_dict.items() if not re.match(_DEAD_BRANCH, k)}
     return rename_keys(live, _KEY_RULES)

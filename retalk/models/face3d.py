@@ -2,8 +2,9 @@
 
 The backbone is torchvision's ResNet-50 without its classifier; seven 1x1 conv heads on the pooled 2048-d
 feature give identity 80, expression 64, texture 80, angles 3, SH lighting 27, translation xy 2 and z 1,
-concatenated in that order (the order the reference splits the coefficient row in). The official key names are already those of this module
-(``backbone.*`` in torchvision layout, ``final_layers.<i>.*``), so the filter only selects tensors.
+concatenated in that order (the order the reference splits the coefficient row in). The official key names
+are already those of this module (``backbone.*`` in torchvision layout, ``final_layers.<i>.*``), so the
+filter only selects tensors.
 """
 
 from __future__ import annotations

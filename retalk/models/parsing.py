@@ -3,8 +3,9 @@
 Encoder (a 3x3 conv, four down-sampling residual blocks 512 -> 32), ten residual blocks with a long skip,
 decoder (four nearest-up residual blocks), then two 3x3 heads: 19 label logits and a 3-channel image. All
 convs reflection-pad; block convs use BatchNorm + LeakyReLU(0.2); channels are clipped to [32, 256].
-It serves twice: GPEN's face-parse paste and the mouth mask of the lip blend. Input: (B, 3, 512, 512) **RGB** in [-1, 1]. The pipeline only uses
-``argmax`` of the logits, mapped to a face-region mask by :func:`face_region_mask`.
+It serves twice: GPEN's face-parse paste and the mouth mask of the lip blend. Input: (B, 3, 512, 512)
+**RGB** in [-1, 1]. The pipeline only uses ``argmax`` of the logits, mapped to a face-region mask by
+:func:`face_region_mask`.
 """
 
 from __future__ import annotations
