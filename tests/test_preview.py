@@ -72,6 +72,24 @@ def test_the_width_changes_over_a_syllable_without_lagging_the_sound():
     assert np.abs(np.diff(width)).max() < 0.3 * (width[30:45].mean() - width[5:20].mean())
 
 
+def test_the_jaw_follows_a_smoother_opening_than_the_lips_without_lagging_them():
+    """Syllables at 4 Hz: the openness and, smoother still, the jaw's opening move less from frame to frame than
+    the loudness does, and neither lags it (smoothed both ways)."""
+    t = np.arange(2 * SR) / SR
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
+    wav = (0.3 * envelope * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    drive, env = mouth_drive(wav, RATE, 50), loudness(wav, RATE, 50)
+    env = env / np.percentile(env, 95)
+
+    def speed(x):
+        return np.abs(np.diff(x)).mean()
+
+    assert speed(drive.jaw) < 0.8 * speed(drive.openness) < 0.8 * speed(env)
+    for opening in (drive.openness, drive.jaw):
+        lagged = [np.corrcoef(opening[5 + lag : 45 + lag], env[5:45])[0, 1] for lag in (-1, 0, 1)]
+        assert np.argmax(lagged) == 1 and lagged[1] > 0.8
+
+
 def test_pose_closes_the_old_mouth_then_opens_the_new_one(still_face):
     _, lm = still_face
     iod = eye_distance(lm)
@@ -82,6 +100,10 @@ def test_pose_closes_the_old_mouth_then_opens_the_new_one(still_face):
     assert posed[8, 1] > lm[8, 1] + 0.1 * iod  # the chin drops with the jaw
     width = [np.ptp(pose_mouth(lm, 0.5, w)[48:60, 0]) for w in (-1.0, 0.0, 1.0)]
     assert width[0] < width[1] < width[2]
+    # the jaw line follows its own opening, the lips theirs
+    closed_jaw = pose_mouth(lm, 1.0, 0.0, jaw=0.0)
+    assert np.allclose(closed_jaw[:17], pose_mouth(lm, 0.0, 0.0)[:17])
+    assert np.array_equal(closed_jaw[17:], posed[17:])
 
 
 def own_mouth(face: np.ndarray, lm: np.ndarray) -> mouths.Mouth:

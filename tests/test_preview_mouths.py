@@ -182,7 +182,7 @@ def test_open_mouths_have_the_clips_own_texture(redubbed):
 def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     """Frame-to-frame change in the mouth box: the person's own mouths change no more (2 % leeway) than the
     flat synthesis following the same motion, less than choosing each frame's best exemplar on its own
-    (no cut costs), and within 10 % of the clip's own speech."""
+    (no cut costs), and no more than the clip's own speech."""
     engine, frames, track = redubbed["engine"], redubbed["frames"], redubbed["track"]
     plan, everything = engine.plan, np.arange(len(frames))
     for name in ("HOLD", "CUT", "CUT_PER_FRAME", "CUT_MAX"):
@@ -190,9 +190,12 @@ def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     greedy = dataclasses.replace(plan, exemplar=mouths.choose_mouths(engine.index, plan.targets))
     monkeypatch.setattr(engine, "plan", greedy)
     greedy_change = mouth_change(engine.render_chunk(frames, everything, everything), track.landmarks).mean()
+    drive = plan.drive
     flat = [
-        render_frame(f, lm, o, w)
-        for f, lm, o, w in zip(frames, track.landmarks, plan.drive.openness, plan.drive.width, strict=True)
+        render_frame(f, lm, o, w, jaw=j)
+        for f, lm, o, w, j in zip(
+            frames, track.landmarks, drive.openness, drive.width, drive.jaw, strict=True
+        )
     ]
     flat_change = mouth_change(np.array(flat), track.landmarks).mean()
     own = mouth_change(frames, track.landmarks).mean()
@@ -206,7 +209,7 @@ def test_the_chosen_exemplars_add_no_flicker(redubbed, monkeypatch):
     )
     assert out <= 1.02 * flat_change
     assert out < greedy_change
-    assert out <= 1.1 * own  # PACE_WEIGHT: the opening kept near the person's costs about 5 %
+    assert out <= own
 
 
 def test_the_mouth_moves_at_the_persons_pace_and_shows_their_widest_mouths(redubbed):

@@ -1,17 +1,18 @@
 """The weight-free preview engine: a landmark-driven mouth re-animation that runs in real time on a CPU.
 
-Per output frame the new audio gives mouth parameters (openness from loudness, width from spectral shape),
-the opening scaled to the person's own reach and moved toward their pace (how fast their mouth changes in the
-clip: PACE_WEIGHT); the tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the
-D-Net idea), then opened to the new parameters; a piecewise-affine warp of the lower face follows the points
-and is feather-blended into the frame. The mouth itself is the person's own: the exemplar that
-:mod:`retalk.engines.mouths` chose for the output frame, warped onto the new lip points, colour-matched to
-the skin around them and feather-blended; a cut between exemplars fades in over CUT_FADE frames. Where the
-clip never opens its mouth as wide as the target, the inner mouth is shaded dark with a hint of upper teeth
-instead (the synthesis the engine used before it had exemplars). Pixels whose warp triangles do not move are
-copied unchanged, so everything away from the lower face is bit-identical to the source; a frame's pixels
-depend only on its source frame, the clip's mouth index and the audio plan, never on which frames were
-rendered before it.
+Per output frame the new audio gives mouth parameters (openness from loudness, smoothed a little because a
+mouth cannot follow loudness from frame to frame; width from spectral shape), the opening scaled to the
+person's own reach and moved toward their pace (how fast their mouth changes in the clip: PACE_WEIGHT); the
+tracked 68 points of the source frame are first moved to a CLOSED mouth (removing the old speech, the D-Net
+idea), then opened to the new parameters, the jaw line following a smoother opening than the lips (the jaw is
+slower); a piecewise-affine warp of the lower face follows the points and is feather-blended into the frame.
+The mouth itself is the person's own: the exemplar that :mod:`retalk.engines.mouths` chose for the output
+frame, warped onto the new lip points, colour-matched to the skin around them and feather-blended; a cut
+between exemplars fades in over CUT_FADE frames. Where the clip never opens its mouth as wide as the target,
+the inner mouth is shaded dark with a hint of upper teeth instead (the synthesis the engine used before it
+had exemplars). Pixels whose warp triangles do not move are copied unchanged, so everything away from the
+lower face is bit-identical to the source; a frame's pixels depend only on its source frame, the clip's mouth
+index and the audio plan, never on which frames were rendered before it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ MIN_REACH = 0.15
 MIN_GAP = 0.01  # inner-lip gap of a closed mouth, in eye distances
 MAX_WIDEN = 0.10  # largest change of mouth width, as a fraction of the mouth width
 WIDTH_SMOOTHING = 0.06  # seconds: the standard deviation of the width's smoothing
+# A mouth follows loudness only so fast: the openness is smoothed over OPENING_SMOOTHING (a standard deviation)
+# either side, and the jaw line, heavier than the lips, follows it smoothed over JAW_SMOOTHING (keeping about a
+# third of the lips' swing at four syllables a second). Each takes a few per cent off the frame-to-frame change of
+# the mouth box at about the same lip sync: a jaw moving as fast as the lips made the chin the largest source
+# of change above the person's own.
+OPENING_SMOOTHING, JAW_SMOOTHING = 0.03, 0.06  # seconds
 RING_SCALE = 1.7  # fixed anchor ring: jaw points pushed out from the mouth centre by this factor
 MOUTH_RING = (1.3, 0.3)  # the exemplar's warp is anchored on the lips pushed out by this factor plus this
 # many eye distances; inside it, the blend covers the lips grown by MOUTH_MARGIN, feathered by MOUTH_FEATHER
@@ -62,9 +69,11 @@ STRETCH, SLACK, RAMP = 1.3, 0.02, 0.03
 # mouth is laid at these opacities over the old one.
 CUT_FADE = (1 / 3, 2 / 3)
 # How far the opening's speed moves toward the person's own (as a power of the ratio of the two): all the way
-# (1) meets their frame-to-frame change but leaves loud vowels at about two thirds of their own opening, which
-# reads as mumbling; halfway keeps the opening near theirs at a change about 5 % above their own
-PACE_WEIGHT = 0.5
+# (1) leaves loud vowels at about two thirds of their own opening, which reads as mumbling. The smoothed
+# openness changes more slowly than raw loudness, so a given weight scales it down less: 0.75 keeps loud
+# vowels at about three quarters of the person's wide openings (where halfway did with the raw loudness) at a
+# frame-to-frame change no more than their own
+PACE_WEIGHT = 0.75
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,11 @@ class MouthDrive:
 
     openness: np.ndarray  # (n,) in [0, 1]
     width: np.ndarray  # (n,) in [-1, 1]: negative = rounded/narrow, positive = spread
+    jaw: np.ndarray  # (n,) the openness the jaw line follows: the openness, smoothed more
+
+    def scaled(self, factor: float) -> MouthDrive:
+        """The same drive with its openings (lips and jaw) scaled by ``factor``."""
+        return MouthDrive(self.openness * factor, self.width, self.jaw * factor)
 
 
 def _gaussian_smoothing(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -106,7 +120,7 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
 
     loud = np.percentile(rms, 95) if n_frames else 0.0
     if loud <= 1e-8:
-        return MouthDrive(np.zeros(n_frames), np.zeros(n_frames))
+        return MouthDrive(np.zeros(n_frames), np.zeros(n_frames), np.zeros(n_frames))
     gate = 0.08 * loud  # below this the mouth is closed (breath, room noise)
     # linear in the RMS: a compressive map opens the mouth as wide for half-loud sounds and blurs the syllables
     openness = np.clip((rms - gate) / (loud - gate), 0, 1)
@@ -120,21 +134,30 @@ def mouth_drive(wav: np.ndarray, rate: Fraction, n_frames: int, sample_rate: int
         width = np.zeros(n_frames)
     dt = float(1 / rate)
     # lips round and spread over a syllable, not from frame to frame: the width (a noisy spectral feature)
-    # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag)
+    # is smoothed over WIDTH_SMOOTHING either side, symmetrically (the whole line is known: no lag); so are
+    # the openings, less: loudness changes faster than a mouth can, and the jaw slower than the lips
     width = _gaussian_smoothing(width, WIDTH_SMOOTHING / dt)
-    return MouthDrive(openness, np.clip(width, -1, 1))
+    openness = _gaussian_smoothing(openness, OPENING_SMOOTHING / dt)
+    jaw = _gaussian_smoothing(openness, JAW_SMOOTHING / dt)
+    return MouthDrive(openness, np.clip(width, -1, 1), jaw)
 
 
 def pose_mouth(
-    lm: np.ndarray, openness: float, width: float, motion: np.ndarray = DEFAULT_MOTION
+    lm: np.ndarray,
+    openness: float,
+    width: float,
+    motion: np.ndarray = DEFAULT_MOTION,
+    jaw: float | None = None,
 ) -> np.ndarray:
     """The 68 points with the original mouth closed, then opened to ``openness`` and widened by ``width``;
     each point moves down the face by ``motion`` (see :func:`retalk.engines.mouths.opening_motion`) times the
-    change of opening."""
+    change of opening, the jaw line's by that of the opening ``jaw`` where given (else ``openness``)."""
     ux, uy, eye_distance = face_axes(lm)
     out = lm.astype(np.float64).copy()
     opening = openness * MAX_OPEN * eye_distance
-    shift = opening - inner_lip_gap(lm)  # close what was open, then open to the new gap
+    shift = np.full(68, opening - inner_lip_gap(lm))  # close what was open, then open to the new gap
+    if jaw is not None:
+        shift[JAW] = jaw * MAX_OPEN * eye_distance - inner_lip_gap(lm)
     out += np.outer(motion * shift, uy)
     # each inner-lower point exactly `opening` below its partner (a hair more, so no triangle collapses)
     pair_gap = (out[INNER_LOWER] - out[INNER_UPPER]) @ uy
@@ -325,17 +348,18 @@ def render_frame(
     motion: np.ndarray = DEFAULT_MOTION,
     previous: Mouth | None = None,
     opacity: float = 1.0,
+    jaw: float | None = None,
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
-    face moving with the opening as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
+    face moving with the opening (the jaw line with ``jaw``) as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
     ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is
     erased and the cavity synthesised in full. Pixels the warp and the mouth do not touch are the source's,
     bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)
-    posed = pose_mouth(lm, openness, width, motion)
+    posed = pose_mouth(lm, openness, width, motion, jaw)
     src = np.r_[lm[moving], ring]
     dst = np.r_[posed[moving], ring]
     x0, y0 = np.floor(np.minimum(src.min(0), dst.min(0))).astype(int)
@@ -420,14 +444,14 @@ class PreviewEngine:
         drive = mouth_drive(wav16k, rate, n_frames)
         # the person's own range: a clip that never opens wide gets at least MIN_REACH (and synthesis)
         reach = np.clip(index.reach, MIN_REACH, MAX_OPEN)
-        full = MouthDrive(drive.openness * (reach / MAX_OPEN), drive.width)
+        full = drive.scaled(reach / MAX_OPEN)
         # and toward their own pace: loudness changes faster than a mouth does, so the opening is scaled down
         # toward the person's mean frame-to-frame change in the clip (PACE_WEIGHT). The exemplars are still
         # chosen at the full reach: a loud vowel shows the person's widest mouths (teeth and all), posed a
         # little less open.
         speed = np.abs(np.diff(full.openness)).mean() * MAX_OPEN if n_frames > 1 else 0.0
         pace = min(index.pace / speed, 1.0) ** PACE_WEIGHT if index.pace > 0 and speed > 0 else 1.0
-        drive = MouthDrive(full.openness * pace, drive.width)
+        drive = full.scaled(pace)
         if len(index) == 0:  # no frame has a face: nothing will be rendered, and there is no face to pose
             self.plan = MouthPlan(drive, np.zeros((n_frames, 3)), np.full(n_frames, -1), np.zeros(n_frames))
             return []
@@ -487,5 +511,6 @@ class PreviewEngine:
                     motion=self.index.motion,
                     previous=previous,
                     opacity=opacity,
+                    jaw=plan.drive.jaw[i],
                 )
         return out
