@@ -73,8 +73,8 @@ def test_the_width_changes_over_a_syllable_without_lagging_the_sound():
 
 
 def test_the_jaw_follows_a_smoother_opening_than_the_lips_without_lagging_them():
-    """Syllables at 4 Hz: the openness and, smoother still, the jaw's opening move less from frame to frame than
-    the loudness does, and neither lags it (smoothed both ways)."""
+    """Syllables at 4 Hz: the openness and, smoother still, the jaw's opening move less from frame to frame
+    than the loudness does, and neither lags it (smoothed both ways)."""
     t = np.arange(2 * SR) / SR
     envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
     wav = (0.3 * envelope * np.sin(2 * np.pi * 180 * t)).astype(np.float32)

@@ -52,11 +52,11 @@ MIN_REACH = 0.15
 MIN_GAP = 0.01  # inner-lip gap of a closed mouth, in eye distances
 MAX_WIDEN = 0.10  # largest change of mouth width, as a fraction of the mouth width
 WIDTH_SMOOTHING = 0.06  # seconds: the standard deviation of the width's smoothing
-# A mouth follows loudness only so fast: the openness is smoothed over OPENING_SMOOTHING (a standard deviation)
-# either side, and the jaw line, heavier than the lips, follows it smoothed over JAW_SMOOTHING (keeping about a
-# third of the lips' swing at four syllables a second). Each takes a few per cent off the frame-to-frame change of
-# the mouth box at about the same lip sync: a jaw moving as fast as the lips made the chin the largest source
-# of change above the person's own.
+# A mouth follows loudness only so fast: the openness is smoothed over OPENING_SMOOTHING (a standard
+# deviation) either side, and the jaw line, heavier than the lips, follows it smoothed over JAW_SMOOTHING more
+# (keeping about a third of the lips' swing at four syllables a second). Each takes a few per cent off the
+# frame-to-frame change of the mouth box at about the same lip sync: a jaw moving as fast as the lips made the
+# chin the largest source of change above the person's own.
 OPENING_SMOOTHING, JAW_SMOOTHING = 0.03, 0.06  # seconds
 RING_SCALE = 1.7  # fixed anchor ring: jaw points pushed out from the mouth centre by this factor
 MOUTH_RING = (1.3, 0.3)  # the exemplar's warp is anchored on the lips pushed out by this factor plus this
@@ -352,10 +352,10 @@ def render_frame(
 ) -> np.ndarray:
     """One frame re-animated into ``out`` (a new array by default; it may be ``frame`` itself) with the
     exemplar ``mouth``, its inner mouth shaded over by the synthesised cavity with weight ``synthesis``, the
-    face moving with the opening (the jaw line with ``jaw``) as ``motion`` says (:func:`pose_mouth`), laid at ``opacity`` over the exemplar
-    ``previous`` where that is given (the frames right after a cut); without an exemplar, the old mouth is
-    erased and the cavity synthesised in full. Pixels the warp and the mouth do not touch are the source's,
-    bit for bit."""
+    face moving with the opening (the jaw line with ``jaw``) as ``motion`` says (:func:`pose_mouth`), laid
+    at ``opacity`` over the exemplar ``previous`` where that is given (the frames right after a cut);
+    without an exemplar, the old mouth is erased and the cavity synthesised in full. Pixels the warp and the
+    mouth do not touch are the source's, bit for bit."""
     out = frame.copy() if out is None else out
     height, width_px = frame.shape[:2]
     moving, ring = _control_points(lm)
