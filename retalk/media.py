@@ -450,6 +450,78 @@ def iter_frames(
                 return
 
 
+def hash_packets(path: str | os.PathLike, start: int, end: int, sha, *, every: int = 16) -> Iterator[int]:
+    """Feed ``sha`` (a hashlib object) what frames [start, end) of ``path`` decode from, without decoding them:
+    the decoder (PyAV's version), the video stream's decoding parameters (codec, its extradata, size, pixel
+    format, colour tags, which the RGB conversion follows) and, in decoding order, the packets (bytes, and the
+    frame each shows counted from frame ``start``) from the keyframe that decoding frame ``start`` begins at until
+    every frame of the range has its packet (a reference always comes before the frames that use it, so a
+    B-frame's later reference is in). Other pixels give other packets, so another digest; the same stream
+    remuxed keeps its digest. Yields how many of the range's frames are hashed, every ``every`` and at the end.
+    """
+    path = Path(path)
+    index = _index(path)
+    end = _check_range(path, start, end, len(index.pts))
+    if start == end:
+        return
+    keyframe = index.seek_points(start)[0]
+    # seek to that keyframe; where the demuxer cannot land on it, read from the beginning
+    for seek in (keyframe, None) if keyframe is not None else (None,):
+        with _open_input(path) as container:
+            stream = _video_stream(container, path)
+            packets = _packets_from(container, stream, keyframe, seek)
+            opening = next(packets, None)
+            if opening is None:
+                continue
+            context = stream.codec_context
+            parameters = (av.__version__, context.name, context.width, context.height, context.pix_fmt)
+            parameters += (
+                context.color_range,
+                context.colorspace,
+                context.color_primaries,
+                context.color_trc,
+            )
+            sha.update(repr(parameters).encode())
+            sha.update(context.extradata or b"")
+            done = 0
+            for packet in itertools.chain([opening], packets):
+                # the frame it shows, counted from frame start (None: none, as an edit list's discarded frames)
+                position = -1 if packet.is_discard or packet.pts is None else index.position(packet.pts)
+                shown = position - start if position >= 0 else None
+                sha.update(f"{shown},{packet.size}".encode())
+                sha.update(memoryview(packet))
+                if shown is not None and 0 <= shown < end - start:
+                    done += 1
+                    if done == end - start:
+                        yield done
+                        return
+                    if done % every == 0:
+                        yield done
+            break
+    raise MediaError(
+        f"{path}: frames {start}-{end - 1} have no packets in the stream; the file may be corrupt"
+    )
+
+
+def _packets_from(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    keyframe: int | None,
+    seek: int | None,
+) -> Iterator[av.Packet]:
+    """The stream's packets in decoding order from the keyframe packet with timestamp ``keyframe`` (None: the
+    first packet), after seeking to ``seek`` (None: from the beginning)."""
+    if seek is not None:
+        container.seek(seek, stream=stream, backward=True)
+    started = keyframe is None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's flush packet
+            continue
+        started = started or (packet.pts == keyframe and packet.is_keyframe)
+        if started:
+            yield packet
+
+
 _AHEAD_END = object()
 
 

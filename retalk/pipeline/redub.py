@@ -10,6 +10,7 @@ job (``retalk.pipeline.segments``).
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 import retalk
 from retalk import media
-from retalk.cache import ArtifactCache, FrameHasher, cache_key
+from retalk.cache import ArtifactCache, cache_key
 from retalk.checkpoints import find_checkpoint, is_synthetic, missing_checkpoints
 from retalk.engines import Engine, SourceClip
 from retalk.engines.preview import PreviewEngine
@@ -198,13 +199,6 @@ def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> tuple[n
             "(the file is empty or shorter than the offset)"
         )
     return wav, wav_out
-
-
-def _hash_frames(path: Path, start: int, end: int, hasher: FrameHasher) -> Iterator[int]:
-    """Frames [start, end) into ``hasher``, chunk by chunk; after each, how many are done."""
-    for chunk in media.iter_frames(path, start, end, chunk_size=CHUNK_FRAMES):
-        hasher.update(chunk.frames)
-        yield chunk.start + len(chunk.frames) - start
 
 
 def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
@@ -401,12 +395,14 @@ def prepare(
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
-    # the content hash of stage 3 decodes on a thread from here on, beside the audio read and the plan
-    hasher = FrameHasher() if content_key is None else None
+    # the content hash of stage 3 (the range's packets, not decoded) reads on a thread from here on, beside
+    # the audio read and the plan
+    hasher = hashlib.sha256() if content_key is None else None
     hashing = None
     if hasher is not None:
         chunks = -(-(end - start) // CHUNK_FRAMES)
-        hashing = media.Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
+        packets = media.hash_packets(request.video, start, end, hasher, every=CHUNK_FRAMES)
+        hashing = media.Ahead(packets, chunks + 1, "retalk-hash")
     try:
         with stages.timed("check"):
             # --fit video needs the range's length of audio (a second more tells whether some is cut)
@@ -445,7 +441,7 @@ def prepare(
             wav16k = fit_audio(wav16k, timeline.audio_samples)
             wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
 
-        # 3. track faces (video-only: cached by decoded content, never by file name)
+        # 3. track faces (video-only: cached by content, never by file name)
         if hashing is not None:
             with stages.timed("hash"):
                 for done in hashing:
