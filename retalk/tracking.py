@@ -37,7 +37,7 @@ from retalk.errors import CheckpointError, InputError
 if TYPE_CHECKING:  # the network adapters are built lazily; torch is never imported for the dlib path
     import torch
 
-TRACK_FORMAT = 2
+TRACK_FORMAT = 3
 REFERENCE_FILES = (S3FD, FAN)  # the reference's own tracker: S3FD boxes, 2DFAN4 points
 S3FD_BYTES_PER_PIXEL = 512  # peak activations of one S3FD input pixel (two 64-channel float32 maps at conv1)
 FAN_ITEM_MB = 100  # peak activations of one 256 x 256 FAN crop
@@ -388,6 +388,9 @@ class FaceTrack:
     # (N, 4) the detector's own boxes, unsmoothed (NaN where not found); on frames where the landmarks followed
     # the face without a detection, the box the detector gives for those landmarks (Tracker.key_interval)
     raw_boxes: np.ndarray
+    raw_landmarks: (
+        np.ndarray
+    )  # (N, 68, 2) the landmark model's points in raw_boxes, unsmoothed (NaN where not found)
 
     def __len__(self) -> int:
         return len(self.found)
@@ -398,7 +401,7 @@ class FaceTrack:
     def digest(self) -> str:
         """sha256 of every array of the track: the part of a cache key that says which track a result used."""
         digest = hashlib.sha256()
-        for array in (self.boxes, self.landmarks, self.found, self.raw_boxes):
+        for array in (self.boxes, self.landmarks, self.found, self.raw_boxes, self.raw_landmarks):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
@@ -414,6 +417,7 @@ class FaceTrack:
                 landmarks=self.landmarks,
                 found=self.found,
                 raw_boxes=self.raw_boxes,
+                raw_landmarks=self.raw_landmarks,
             )
         os.replace(tmp, path)
 
@@ -425,7 +429,13 @@ class FaceTrack:
                     raise InputError(
                         f"{path}: face track format {int(data['format'])}, expected {TRACK_FORMAT}"
                     )
-                track = cls(data["boxes"], data["landmarks"], data["found"].astype(bool), data["raw_boxes"])
+                track = cls(
+                    data["boxes"],
+                    data["landmarks"],
+                    data["found"].astype(bool),
+                    data["raw_boxes"],
+                    data["raw_landmarks"],
+                )
         except (OSError, ValueError, KeyError) as err:
             raise InputError(f"{path}: not a face track file ({err}); delete it to recompute") from err
         n = len(track.found)
@@ -433,6 +443,7 @@ class FaceTrack:
             track.boxes.shape != (n, 4)
             or track.raw_boxes.shape != (n, 4)
             or track.landmarks.shape != (n, 68, 2)
+            or track.raw_landmarks.shape != (n, 68, 2)
         ):
             raise InputError(f"{path}: inconsistent face track arrays; delete it to recompute")
         return track
@@ -662,7 +673,11 @@ def track_faces(
         smoothed_boxes = _smooth_runs(boxes_arr, found, tracker.smooth_window, tracker.smooth_order)
         smoothed_landmarks = _smooth_runs(landmarks_arr, found, tracker.smooth_window, tracker.smooth_order)
     return FaceTrack(
-        _fill_gaps(smoothed_boxes, found), _fill_gaps(smoothed_landmarks, found), found, boxes_arr
+        _fill_gaps(smoothed_boxes, found),
+        _fill_gaps(smoothed_landmarks, found),
+        found,
+        boxes_arr,
+        landmarks_arr,
     )
 
 

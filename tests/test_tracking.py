@@ -83,9 +83,9 @@ def test_largest_is_chosen_once_and_then_followed():
     np.testing.assert_allclose(track.boxes, [shifted(RIGHT, dx=2 * i) for i in range(6)])
 
 
-def test_raw_boxes_are_the_detector_boxes_before_smoothing_and_gap_filling():
-    # Consumers that follow the reference's own box rule (pads, a 5-frame mean) start from these, not from the
-    # Savitzky-Golay-smoothed boxes.
+def test_raw_boxes_and_landmarks_are_the_models_own_before_smoothing_and_gap_filling():
+    # Consumers that follow the reference's own box rule (pads, a 5-frame mean) start from these boxes, not from
+    # the Savitzky-Golay-smoothed ones; the preview's mouth index measures lips by the raw points.
     wobble = [shifted(LEFT, dx=3.0 * (-1) ** i) for i in range(10)]
     track = scripted([[b] for b in wobble[:8]] + [[]] + [[b] for b in wobble[9:]])
     raw = np.array(wobble)
@@ -93,6 +93,9 @@ def test_raw_boxes_are_the_detector_boxes_before_smoothing_and_gap_filling():
     np.testing.assert_array_equal(track.raw_boxes, raw)
     assert not np.allclose(track.boxes[:8], raw[:8])  # the smoothed ones differ
     assert np.isfinite(track.boxes).all()
+    points = BoxLandmarks().landmarks([FRAME] * 10, raw)
+    np.testing.assert_array_equal(track.raw_landmarks, points)  # NaN on frame 8 too
+    assert not np.allclose(track.landmarks[:8], points[:8])
 
 
 @pytest.mark.parametrize(("select", "expected"), [(0, LEFT), (1, RIGHT), ("1", RIGHT), ("0", LEFT)])
@@ -226,7 +229,7 @@ def test_save_and_load_round_trip(tmp_path: Path):
     track = scripted([[LEFT], [], [shifted(LEFT, dx=4)]])
     track.save(tmp_path / "track.npz")
     loaded = FaceTrack.load(tmp_path / "track.npz")
-    for name in ("boxes", "landmarks", "found", "raw_boxes"):
+    for name in ("boxes", "landmarks", "found", "raw_boxes", "raw_landmarks"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(track, name))
     assert loaded.faceless_ranges() == [(1, 2)]
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

@@ -204,8 +204,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
 
     The points are the landmark model's own on the frame, not the track's: those are smoothed over several
     frames, which leaves fast lips up to a few hundredths of an eye distance off the pixels the patch shows,
-    and the exemplar would be warped by that error. The model runs from two boxes (the track's smoothed one
-    and the detector's own); the points are their mean, and how far the two openings differ is the
+    and the exemplar would be warped by that error. The model runs from two boxes: the track's smoothed one,
+    here, and the detector's own, whose points the tracker kept (``FaceTrack.raw_landmarks``; the preview's
+    tracker is dlib's, as here). The points are their mean, and how far the two openings differ is the
     exemplar's doubt: the choice avoids mouths whose lips the model cannot pin down."""
     track = clip.track
     openings = np.zeros(len(track))  # faceless frames have no eyes to measure by (and are no candidates)
@@ -226,9 +227,10 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
                 rows = np.searchsorted(frames, local)
                 for frame, row, at in zip(chunk.frames, rows, local, strict=True):
                     if row < len(frames) and frames[row] == at:
+                        # the tracker measured the detector's box on this frame already
                         two = [
-                            landmarker.landmarks([frame], box[None])[0]
-                            for box in (track.boxes[at], track.raw_boxes[at])
+                            landmarker.landmarks([frame], track.boxes[at][None])[0],
+                            track.raw_landmarks[at],
                         ]
                         landmarks[row] = (two[0] + two[1]) / 2
                         doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
