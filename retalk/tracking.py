@@ -462,16 +462,26 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _smooth_runs(values: np.ndarray, found: np.ndarray, window: int, order: int) -> np.ndarray:
     """Savitzky-Golay along axis 0 within each run of found frames (the window shrinks for short runs)."""
-    # imported here: scipy.signal takes a second or two to import, and a re-dub whose track comes from the
-    # cache never smooths
-    from scipy.signal import savgol_filter
-
     out = values.copy()
     for a, b in _runs(found):
         length = min(window, b - a if (b - a) % 2 else b - a - 1)
         if length > order:
-            out[a:b] = savgol_filter(values[a:b], length, order, axis=0)
+            out[a:b] = _savitzky_golay(values[a:b], length, order)
     return out
+
+
+def _savitzky_golay(values: np.ndarray, window: int, order: int) -> np.ndarray:
+    """scipy.signal.savgol_filter(values, window, order, axis=0) (mode "interp": each value from the polynomial
+    least-squares fitted to the ``window`` values around it, the first and last ``window // 2`` from the fit to
+    the first and last window) in numpy: scipy.signal takes half a second to import, on every first take."""
+    n, half = len(values), window // 2
+    vander = np.vander(np.arange(window, dtype=np.float64), order + 1)
+    fitted = vander @ np.linalg.pinv(vander)  # row i: the fit at window position i from the window's values
+    starts = np.clip(np.arange(n) - half, 0, n - window)
+    weights = fitted[np.arange(n) - starts]  # (n, window)
+    flat = values.reshape(n, -1)
+    out = sum(weights[:, [j]] * flat[starts + j] for j in range(window))
+    return out.reshape(values.shape)
 
 
 def _fill_gaps(values: np.ndarray, found: np.ndarray) -> np.ndarray:

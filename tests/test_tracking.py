@@ -180,6 +180,22 @@ def test_short_runs_are_smoothed_with_a_shorter_window_or_kept():
     np.testing.assert_allclose(track.boxes[:3], [shifted(LEFT, dx=d) for d in (0, 3, 1)], atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("length", "window", "order"), [(250, 7, 2), (7, 7, 2), (6, 7, 2), (40, 9, 3), (3, 3, 2)]
+)
+def test_smoothing_is_scipys_savitzky_golay_filter(length, window, order):
+    from scipy.signal import savgol_filter
+
+    points = np.random.default_rng(length).normal(300.0, 50.0, (length, 68, 2))
+    found = np.ones(length, bool)
+    short = min(window, length if length % 2 else length - 1)  # the window a short run shrinks to
+    np.testing.assert_allclose(
+        tracking._smooth_runs(points, found, window, order),
+        savgol_filter(points, short, order, axis=0),
+        atol=1e-9,
+    )
+
+
 def test_accepts_chunks_batches_and_single_frames_and_reports_progress():
     per_frame = [[shifted(RIGHT, dx=i)] for i in range(5)]
     stack = np.stack([FRAME] * 5)
