@@ -214,8 +214,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     frames = select_exemplars(track.found, openings)
     width, height = PATCH_SIZE
     patches = np.empty((len(frames), height, width, 3), np.uint8)
+    on_smoothed_box = np.empty((len(frames), 68, 2))
+    on_detector_box = track.raw_landmarks[frames]  # the tracker measured the detector's box on these frames
     landmarks = np.empty((len(frames), 68, 2))
-    doubt = np.empty(len(frames))
     if len(frames):
         landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
@@ -227,13 +228,8 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
                 rows = np.searchsorted(frames, local)
                 for frame, row, at in zip(chunk.frames, rows, local, strict=True):
                     if row < len(frames) and frames[row] == at:
-                        # the tracker measured the detector's box on this frame already
-                        two = [
-                            landmarker.landmarks([frame], track.boxes[at][None])[0],
-                            track.raw_landmarks[at],
-                        ]
-                        landmarks[row] = (two[0] + two[1]) / 2
-                        doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
+                        on_smoothed_box[row] = landmarker.landmarks([frame], track.boxes[at][None])[0]
+                        landmarks[row] = (on_smoothed_box[row] + on_detector_box[row]) / 2
                         patches[row] = cv2.warpAffine(
                             frame,
                             patch_transform(landmarks[row]),
@@ -246,6 +242,7 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
         finally:
             decoded.close()
     lips = to_patch(landmarks)[:, LIPS]
+    doubt = np.abs(mouth_shapes(on_smoothed_box)[:, 0] - mouth_shapes(on_detector_box)[:, 0])
     return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 
 
