@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import uuid
@@ -411,6 +412,30 @@ def _check_range(path: Path, start: int, end: int | None, frame_count: int) -> i
     return end
 
 
+class _ChunkBuffers:
+    """The chunk buffers of one :func:`iter_frames`, each used again once nothing refers to it or to a view of
+    it (the consumer has moved on): a fresh chunk of 16 720p frames is 44 MB, more than malloc recycles, and
+    the kernel's filling of its new pages costs more CPU than decoding the frames into them."""
+
+    KEEP = 4  # the decoding thread's chunk, one queued, the consumer's, and one spare
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = []
+        # the count of an array that only a list refers to, taken the way take() takes it (interpreters differ
+        # in the references of their own that they count)
+        self._alone = next(map(sys.getrefcount, [np.empty(0)]))
+
+    def take(self, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        counts = list(map(sys.getrefcount, self._buffers))
+        for buffer, count in zip(self._buffers, counts, strict=True):
+            if count == self._alone and buffer.shape == shape and buffer.dtype == dtype:
+                return buffer
+        buffer = np.empty(shape, dtype)
+        if len(self._buffers) < self.KEEP:
+            self._buffers.append(buffer)
+        return buffer
+
+
 def iter_frames(
     path: str | os.PathLike,
     start: int = 0,
@@ -433,12 +458,13 @@ def iter_frames(
     if start == end:
         return
     pixel_format, dtype = ("rgb48le", np.uint16) if high_bit_depth else ("rgb24", np.uint8)
+    buffers = _ChunkBuffers()
     with contextlib.closing(_decoded_frames(path, index, start)) as decoded:
         buffer, times, chunk_start = None, [], start
         for position, frame in decoded:
             rgb = frame.to_ndarray(format=pixel_format)
             if buffer is None:
-                buffer = np.empty((min(chunk_size, end - position), *rgb.shape), dtype=dtype)
+                buffer = buffers.take((min(chunk_size, end - position), *rgb.shape), dtype)
             elif rgb.shape != buffer.shape[1:]:
                 raise MediaError(f"{path}: the frame size changes at frame {position}; re-encode the clip")
             buffer[len(times)] = rgb  # copies into a C-contiguous block whatever the frame's line padding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import weakref
 from fractions import Fraction
 from pathlib import Path
 
@@ -98,6 +99,31 @@ def _check_ranges(path: Path, reference: np.ndarray, *, high_bit_depth: bool = F
         got = np.concatenate([c.frames for c in chunks])
         assert got.dtype == reference.dtype
         np.testing.assert_array_equal(got, reference[start:end], err_msg=f"{path.name} [{start}, {end})")
+
+
+def test_chunk_buffers_are_reused_only_once_nothing_refers_to_them(generated):
+    buffers = media._ChunkBuffers()
+    first = buffers.take((2, 4, 4, 3), np.uint8)
+    first_ref = weakref.ref(first)
+    assert buffers.take((2, 4, 4, 3), np.uint8) is not first  # still held
+    view = first[1]
+    del first
+    assert buffers.take((2, 4, 4, 3), np.uint8) is not view.base  # a view still refers to it
+    del view
+    assert buffers.take((2, 4, 4, 3), np.uint8) is first_ref()  # let go: used again
+    # a consumer that keeps chunks, or views of them, finds them as decoded
+    path = generated["h264_gop12_bframes.mp4"]
+    reference = _sequential_decode(path)
+    kept, views = {}, {}
+    for chunk in media.iter_frames(path, 0, 40, chunk_size=3):
+        if chunk.start % 9 == 0:
+            kept[chunk.start] = chunk.frames
+        elif chunk.start % 9 == 3:
+            views[chunk.start + len(chunk.frames) - 1] = chunk.frames[-1]
+    for start, frames in kept.items():
+        np.testing.assert_array_equal(frames, reference[start : start + len(frames)])
+    for index, frame in views.items():
+        np.testing.assert_array_equal(frame, reference[index])
 
 
 def _packet_digest(path: Path, start: int, end: int) -> str:
