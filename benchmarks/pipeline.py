@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -89,30 +90,39 @@ def make_take_inputs(folder: Path) -> tuple[Path, Path]:
     return video, audio
 
 
-def take(video: Path, audio: Path, output: Path, cache: Path) -> tuple[float, dict]:
-    """Wall seconds of one ``retalk redub --engine preview --json`` process, and its JSON result."""
+def take(video: Path, audio: Path, output: Path, cache: Path) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of one ``retalk redub --engine preview --json`` process, and its JSON result."""
     command = [sys.executable, "-m", "retalk", "redub", "--engine", "preview", "--json"]
     command += ["--video", str(video), "--audio", str(audio), "-o", str(output), "--cache-dir", str(cache)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode:
         raise SystemExit(f"retalk redub failed ({done.returncode}): {done.stderr.strip()}")
-    return seconds, json.loads(done.stdout.splitlines()[-1])  # JSON lines: progress events, then the result
+    return (
+        seconds,
+        cpu,
+        json.loads(done.stdout.splitlines()[-1]),
+    )  # JSON lines: progress events, then the result
 
 
 def takes(runs: int) -> None:
-    """Print the first and second take's frames per second (best of ``runs``) and stage seconds."""
+    """Print the first and second take's frames per second (best of ``runs``) and stage seconds, and each
+    run's CPU seconds and load (the machine may be shared)."""
     with tempfile.TemporaryDirectory(prefix="retalk-takes-") as folder:
         video, audio = make_take_inputs(Path(folder))
         best: dict[str, tuple[float, dict]] = {}
         for run in range(runs):
             cache = Path(folder) / f"cache{run}"
             for name in ("first", "second"):
-                seconds, result = take(video, audio, Path(folder) / "out.mp4", cache)
+                seconds, cpu, result = take(video, audio, Path(folder) / "out.mp4", cache)
                 load = os.getloadavg()[0]
                 print(
-                    f"run {run + 1} {name} take: {TAKE_FRAMES / seconds:.1f} fps ({seconds:.2f} s, load {load:.2f})"
+                    f"run {run + 1} {name} take: {TAKE_FRAMES / seconds:.1f} fps ({seconds:.2f} s, "
+                    f"CPU {cpu:.2f} s, load {load:.2f})"
                 )
                 if name not in best or seconds < best[name][0]:
                     best[name] = seconds, result
