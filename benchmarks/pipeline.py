@@ -102,11 +102,8 @@ def take(video: Path, audio: Path, output: Path, cache: Path) -> tuple[float, fl
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode:
         raise SystemExit(f"retalk redub failed ({done.returncode}): {done.stderr.strip()}")
-    return (
-        seconds,
-        cpu,
-        json.loads(done.stdout.splitlines()[-1]),
-    )  # JSON lines: progress events, then the result
+    result = json.loads(done.stdout.splitlines()[-1])  # JSON lines: progress events, then the result
+    return seconds, cpu, result
 
 
 def takes(runs: int) -> None:
