@@ -1,8 +1,8 @@
 """A size-bounded on-disk cache for video-only stage outputs, keyed by content, evicted least-recently-used.
 
-Keys hash what a result depends on (decoded pixels, parameters, code version), never a file name: two
-different clips called ``input.mp4`` never share an entry (the reference keyed
-its intermediate files by file name).
+Keys hash what a result depends on (the video's content: ``media.hash_packets``, parameters, code version),
+never a file name: two different clips called ``input.mp4`` never share an entry (the reference keyed its
+intermediate files by file name).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import platformdirs
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -23,23 +22,6 @@ _KEY_NAME = re.compile(r"[0-9a-f]{64}(\.\w+)?$")  # "<sha256 hex><suffix>": what
 
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("retalk"))
-
-
-class FrameHasher:
-    """sha256 over decoded frames (each frame's shape, dtype and bytes): the same pixels give the same
-    digest however they are chunked."""
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-
-    def update(self, frames: np.ndarray) -> None:
-        header = f"{frames.shape[1:]}{frames.dtype.str}".encode()
-        for frame in frames:
-            self._sha.update(header)
-            self._sha.update(memoryview(np.ascontiguousarray(frame)).cast("B"))
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
 
 
 def cache_key(*parts: object) -> str:

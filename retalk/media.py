@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import uuid
@@ -411,6 +412,30 @@ def _check_range(path: Path, start: int, end: int | None, frame_count: int) -> i
     return end
 
 
+class _ChunkBuffers:
+    """The chunk buffers of one :func:`iter_frames`, each used again once nothing refers to it or to a view of
+    it (the consumer has moved on): a fresh chunk of 16 720p frames is 44 MB, more than malloc recycles, and
+    the kernel's filling of its new pages costs more CPU than decoding the frames into them."""
+
+    KEEP = 4  # the decoding thread's chunk, one queued, the consumer's, and one spare
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = []
+        # the count of an array that only a list refers to, taken the way take() takes it (interpreters differ
+        # in the references of their own that they count)
+        self._alone = next(map(sys.getrefcount, [np.empty(0)]))
+
+    def take(self, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        counts = list(map(sys.getrefcount, self._buffers))
+        for buffer, count in zip(self._buffers, counts, strict=True):
+            if count == self._alone and buffer.shape == shape and buffer.dtype == dtype:
+                return buffer
+        buffer = np.empty(shape, dtype)
+        if len(self._buffers) < self.KEEP:
+            self._buffers.append(buffer)
+        return buffer
+
+
 def iter_frames(
     path: str | os.PathLike,
     start: int = 0,
@@ -433,12 +458,13 @@ def iter_frames(
     if start == end:
         return
     pixel_format, dtype = ("rgb48le", np.uint16) if high_bit_depth else ("rgb24", np.uint8)
+    buffers = _ChunkBuffers()
     with contextlib.closing(_decoded_frames(path, index, start)) as decoded:
         buffer, times, chunk_start = None, [], start
         for position, frame in decoded:
             rgb = frame.to_ndarray(format=pixel_format)
             if buffer is None:
-                buffer = np.empty((min(chunk_size, end - position), *rgb.shape), dtype=dtype)
+                buffer = buffers.take((min(chunk_size, end - position), *rgb.shape), dtype)
             elif rgb.shape != buffer.shape[1:]:
                 raise MediaError(f"{path}: the frame size changes at frame {position}; re-encode the clip")
             buffer[len(times)] = rgb  # copies into a C-contiguous block whatever the frame's line padding
@@ -448,6 +474,78 @@ def iter_frames(
                 buffer, times, chunk_start = None, [], position + 1
             if position + 1 == end:
                 return
+
+
+def hash_packets(path: str | os.PathLike, start: int, end: int, sha, *, every: int = 16) -> Iterator[int]:
+    """Feed ``sha`` (a hashlib object) what frames [start, end) of ``path`` decode from, without decoding them:
+    the decoder (PyAV's version), the video stream's decoding parameters (codec, its extradata, size, pixel
+    format, colour tags, which the RGB conversion follows) and, in decoding order, the packets (bytes, and the
+    frame each shows counted from frame ``start``) from the keyframe that decoding frame ``start`` begins at until
+    every frame of the range has its packet (a reference always comes before the frames that use it, so a
+    B-frame's later reference is in). Other pixels give other packets, so another digest; the same stream
+    remuxed keeps its digest. Yields how many of the range's frames are hashed, every ``every`` and at the end.
+    """
+    path = Path(path)
+    index = _index(path)
+    end = _check_range(path, start, end, len(index.pts))
+    if start == end:
+        return
+    keyframe = index.seek_points(start)[0]
+    # seek to that keyframe; where the demuxer cannot land on it, read from the beginning
+    for seek in (keyframe, None) if keyframe is not None else (None,):
+        with _open_input(path) as container:
+            stream = _video_stream(container, path)
+            packets = _packets_from(container, stream, keyframe, seek)
+            opening = next(packets, None)
+            if opening is None:
+                continue
+            context = stream.codec_context
+            parameters = (av.__version__, context.name, context.width, context.height, context.pix_fmt)
+            parameters += (
+                context.color_range,
+                context.colorspace,
+                context.color_primaries,
+                context.color_trc,
+            )
+            sha.update(repr(parameters).encode())
+            sha.update(context.extradata or b"")
+            done = 0
+            for packet in itertools.chain([opening], packets):
+                # the frame it shows, counted from frame start (None: none, as an edit list's discarded frames)
+                position = -1 if packet.is_discard or packet.pts is None else index.position(packet.pts)
+                shown = position - start if position >= 0 else None
+                sha.update(f"{shown},{packet.size}".encode())
+                sha.update(memoryview(packet))
+                if shown is not None and 0 <= shown < end - start:
+                    done += 1
+                    if done == end - start:
+                        yield done
+                        return
+                    if done % every == 0:
+                        yield done
+            break
+    raise MediaError(
+        f"{path}: frames {start}-{end - 1} have no packets in the stream; the file may be corrupt"
+    )
+
+
+def _packets_from(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    keyframe: int | None,
+    seek: int | None,
+) -> Iterator[av.Packet]:
+    """The stream's packets in decoding order from the keyframe packet with timestamp ``keyframe`` (None: the
+    first packet), after seeking to ``seek`` (None: from the beginning)."""
+    if seek is not None:
+        container.seek(seek, stream=stream, backward=True)
+    started = keyframe is None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's flush packet
+            continue
+        started = started or (packet.pts == keyframe and packet.is_keyframe)
+        if started:
+            yield packet
 
 
 _AHEAD_END = object()

@@ -37,7 +37,7 @@ from retalk.errors import CheckpointError, InputError
 if TYPE_CHECKING:  # the network adapters are built lazily; torch is never imported for the dlib path
     import torch
 
-TRACK_FORMAT = 2
+TRACK_FORMAT = 3
 REFERENCE_FILES = (S3FD, FAN)  # the reference's own tracker: S3FD boxes, 2DFAN4 points
 S3FD_BYTES_PER_PIXEL = 512  # peak activations of one S3FD input pixel (two 64-channel float32 maps at conv1)
 FAN_ITEM_MB = 100  # peak activations of one 256 x 256 FAN crop
@@ -388,6 +388,9 @@ class FaceTrack:
     # (N, 4) the detector's own boxes, unsmoothed (NaN where not found); on frames where the landmarks followed
     # the face without a detection, the box the detector gives for those landmarks (Tracker.key_interval)
     raw_boxes: np.ndarray
+    raw_landmarks: (
+        np.ndarray
+    )  # (N, 68, 2) the landmark model's points in raw_boxes, unsmoothed (NaN where not found)
 
     def __len__(self) -> int:
         return len(self.found)
@@ -398,7 +401,7 @@ class FaceTrack:
     def digest(self) -> str:
         """sha256 of every array of the track: the part of a cache key that says which track a result used."""
         digest = hashlib.sha256()
-        for array in (self.boxes, self.landmarks, self.found, self.raw_boxes):
+        for array in (self.boxes, self.landmarks, self.found, self.raw_boxes, self.raw_landmarks):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
@@ -414,6 +417,7 @@ class FaceTrack:
                 landmarks=self.landmarks,
                 found=self.found,
                 raw_boxes=self.raw_boxes,
+                raw_landmarks=self.raw_landmarks,
             )
         os.replace(tmp, path)
 
@@ -425,7 +429,13 @@ class FaceTrack:
                     raise InputError(
                         f"{path}: face track format {int(data['format'])}, expected {TRACK_FORMAT}"
                     )
-                track = cls(data["boxes"], data["landmarks"], data["found"].astype(bool), data["raw_boxes"])
+                track = cls(
+                    data["boxes"],
+                    data["landmarks"],
+                    data["found"].astype(bool),
+                    data["raw_boxes"],
+                    data["raw_landmarks"],
+                )
         except (OSError, ValueError, KeyError) as err:
             raise InputError(f"{path}: not a face track file ({err}); delete it to recompute") from err
         n = len(track.found)
@@ -433,6 +443,7 @@ class FaceTrack:
             track.boxes.shape != (n, 4)
             or track.raw_boxes.shape != (n, 4)
             or track.landmarks.shape != (n, 68, 2)
+            or track.raw_landmarks.shape != (n, 68, 2)
         ):
             raise InputError(f"{path}: inconsistent face track arrays; delete it to recompute")
         return track
@@ -451,16 +462,26 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _smooth_runs(values: np.ndarray, found: np.ndarray, window: int, order: int) -> np.ndarray:
     """Savitzky-Golay along axis 0 within each run of found frames (the window shrinks for short runs)."""
-    # imported here: scipy.signal takes a second or two to import, and a re-dub whose track comes from the
-    # cache never smooths
-    from scipy.signal import savgol_filter
-
     out = values.copy()
     for a, b in _runs(found):
         length = min(window, b - a if (b - a) % 2 else b - a - 1)
         if length > order:
-            out[a:b] = savgol_filter(values[a:b], length, order, axis=0)
+            out[a:b] = _savitzky_golay(values[a:b], length, order)
     return out
+
+
+def _savitzky_golay(values: np.ndarray, window: int, order: int) -> np.ndarray:
+    """scipy.signal.savgol_filter(values, window, order, axis=0) (mode "interp": each value from the polynomial
+    least-squares fitted to the ``window`` values around it, the first and last ``window // 2`` from the fit to
+    the first and last window) in numpy: scipy.signal takes half a second to import, on every first take."""
+    n, half = len(values), window // 2
+    vander = np.vander(np.arange(window, dtype=np.float64), order + 1)
+    fitted = vander @ np.linalg.pinv(vander)  # row i: the fit at window position i from the window's values
+    starts = np.clip(np.arange(n) - half, 0, n - window)
+    weights = fitted[np.arange(n) - starts]  # (n, window)
+    flat = values.reshape(n, -1)
+    out = sum(weights[:, [j]] * flat[starts + j] for j in range(window))
+    return out.reshape(values.shape)
 
 
 def _fill_gaps(values: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -662,7 +683,11 @@ def track_faces(
         smoothed_boxes = _smooth_runs(boxes_arr, found, tracker.smooth_window, tracker.smooth_order)
         smoothed_landmarks = _smooth_runs(landmarks_arr, found, tracker.smooth_window, tracker.smooth_order)
     return FaceTrack(
-        _fill_gaps(smoothed_boxes, found), _fill_gaps(smoothed_landmarks, found), found, boxes_arr
+        _fill_gaps(smoothed_boxes, found),
+        _fill_gaps(smoothed_landmarks, found),
+        found,
+        boxes_arr,
+        landmarks_arr,
     )
 
 

@@ -71,7 +71,7 @@ def test_a_track_fills_every_field_and_faceless_frames_borrow_a_neighbour():
     found = np.array([True, True, False, True, True, True])
     raw = np.c_[lm.min(1), lm.max(1)]
     raw[2] = np.nan
-    track = FaceTrack(raw.copy(), lm, found, raw)
+    track = FaceTrack(raw.copy(), lm, found, raw, lm)
     geometry = FaceGeometry.from_track(track, 640, 480)
     assert len(geometry) == 6 and geometry.found.tolist() == found.tolist()
     np.testing.assert_array_equal(geometry.enet_boxes[2], geometry.enet_boxes[1])  # borrowed
@@ -87,7 +87,9 @@ def test_a_track_fills_every_field_and_faceless_frames_borrow_a_neighbour():
 
 def test_injected_geometry_is_validated():
     geometry = FaceGeometry.from_track(
-        FaceTrack(np.zeros((2, 4)), _lm(2), np.ones(2, bool), np.c_[_lm(2).min(1), _lm(2).max(1)]), 640, 480
+        FaceTrack(np.zeros((2, 4)), _lm(2), np.ones(2, bool), np.c_[_lm(2).min(1), _lm(2).max(1)], _lm(2)),
+        640,
+        480,
     )
     fields = {f: getattr(geometry, f) for f in FaceGeometry._SHAPES}
     with pytest.raises(InputError, match="enhance_points has shape"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import weakref
 from fractions import Fraction
 from pathlib import Path
 
@@ -97,6 +99,70 @@ def _check_ranges(path: Path, reference: np.ndarray, *, high_bit_depth: bool = F
         got = np.concatenate([c.frames for c in chunks])
         assert got.dtype == reference.dtype
         np.testing.assert_array_equal(got, reference[start:end], err_msg=f"{path.name} [{start}, {end})")
+
+
+def test_chunk_buffers_are_reused_only_once_nothing_refers_to_them(generated):
+    buffers = media._ChunkBuffers()
+    first = buffers.take((2, 4, 4, 3), np.uint8)
+    first_ref = weakref.ref(first)
+    assert buffers.take((2, 4, 4, 3), np.uint8) is not first  # still held
+    view = first[1]
+    del first
+    assert buffers.take((2, 4, 4, 3), np.uint8) is not view.base  # a view still refers to it
+    del view
+    assert buffers.take((2, 4, 4, 3), np.uint8) is first_ref()  # let go: used again
+    # a consumer that keeps chunks, or views of them, finds them as decoded
+    path = generated["h264_gop12_bframes.mp4"]
+    reference = _sequential_decode(path)
+    kept, views = {}, {}
+    for chunk in media.iter_frames(path, 0, 40, chunk_size=3):
+        if chunk.start % 9 == 0:
+            kept[chunk.start] = chunk.frames
+        elif chunk.start % 9 == 3:
+            views[chunk.start + len(chunk.frames) - 1] = chunk.frames[-1]
+    for start, frames in kept.items():
+        np.testing.assert_array_equal(frames, reference[start : start + len(frames)])
+    for index, frame in views.items():
+        np.testing.assert_array_equal(frame, reference[index])
+
+
+def _packet_digest(path: Path, start: int, end: int) -> str:
+    sha = hashlib.sha256()
+    assert list(media.hash_packets(path, start, end, sha, every=4))[-1] == end - start
+    return sha.hexdigest()
+
+
+def _remux(source: Path, target: Path) -> Path:
+    """The same video packets in another container."""
+    with av.open(str(source)) as given, av.open(str(target), "w") as out:
+        stream = out.add_stream_from_template(given.streams.video[0])
+        for packet in given.demux(video=0):
+            if packet.size:
+                packet.stream = stream
+                out.mux(packet)
+    return target
+
+
+def test_packet_digest_changes_with_the_frames_of_its_range_and_survives_a_remux(tmp_path):
+    frames = _rolling_frames(40)
+    changed = frames.copy()
+    changed[20, 30:60, 40:80] = 255 - changed[20, 30:60, 40:80]  # one frame of the third keyframe interval
+    original = _encode_h264(tmp_path / "a.mp4", frames, Fraction(25), gop=12, pix_fmt="yuv420p")
+    other = _encode_h264(tmp_path / "b.mp4", changed, Fraction(25), gop=12, pix_fmt="yuv420p")
+    remuxed = _remux(original, tmp_path / "a.mkv")
+    decoded, decoded_other = _sequential_decode(original), _sequential_decode(other)
+    ranges = sorted(
+        {(start, end) for start in range(0, 40, 3) for end in (start + 1, start + 5, 40) if end <= 40}
+    )
+    digests = {(start, end): _packet_digest(original, start, end) for start, end in ranges}
+    assert len(set(digests.values())) == len(ranges)  # each range its own digest
+    for (start, end), digest in digests.items():
+        assert _packet_digest(remuxed, start, end) == digest, f"[{start}, {end})"
+        if _packet_digest(other, start, end) == digest:  # the same digest only for the same frames
+            np.testing.assert_array_equal(decoded[start:end], decoded_other[start:end])
+            assert not start <= 20 < end
+        else:  # the packets of the keyframe interval before the change are the same
+            assert end > 12, f"[{start}, {end}) lies before the change's keyframe interval"
 
 
 @pytest.mark.parametrize("name", ["face1.mp4", "face2.mp4"])

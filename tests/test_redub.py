@@ -129,7 +129,9 @@ def test_second_take_hits_the_tracking_cache_and_changed_pixels_miss_it(tmp_path
 
 def pipeline_threads() -> list[str]:
     return [
-        t.name for t in threading.enumerate() if t.name in ("retalk-hash", "retalk-decode", "retalk-encode")
+        t.name
+        for t in threading.enumerate()
+        if t.name in ("retalk-hash", "retalk-audio", "retalk-decode", "retalk-encode")
     ]
 
 
@@ -190,6 +192,16 @@ def test_cancel_midway_leaves_nothing(tmp_path, clip, cache_dir):
     assert any(e.stage == "render" and e.done == 16 for e in seen)  # cancelled after a chunk was encoded
     assert [p.name for p in tmp_path.iterdir()] == ["line.wav"]
     assert pipeline_threads() == []  # the decoding and encoding threads stopped with it
+
+
+def test_cancel_while_tracking_stops_the_output_audio_thread(tmp_path, clip):
+    audio = write_tone(tmp_path / "line.wav", 2.0)
+    seen: list[ProgressEvent] = []
+    tracking = lambda: any(e.stage == "track" for e in seen)  # noqa: E731
+    req = request(tmp_path, clip[0], audio, tmp_path / "cache", start=START, end=END)
+    with pytest.raises(CancelledError, match="during track"):
+        redub(req, progress=seen.append, should_cancel=tracking)
+    assert pipeline_threads() == []  # the output audio, resampled beside tracking, stopped with it
 
 
 def test_decoding_ahead_raises_the_threads_error_and_stops_when_the_consumer_does():

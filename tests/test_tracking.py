@@ -83,9 +83,9 @@ def test_largest_is_chosen_once_and_then_followed():
     np.testing.assert_allclose(track.boxes, [shifted(RIGHT, dx=2 * i) for i in range(6)])
 
 
-def test_raw_boxes_are_the_detector_boxes_before_smoothing_and_gap_filling():
-    # Consumers that follow the reference's own box rule (pads, a 5-frame mean) start from these, not from the
-    # Savitzky-Golay-smoothed boxes.
+def test_raw_boxes_and_landmarks_are_the_models_own_before_smoothing_and_gap_filling():
+    # Consumers that follow the reference's own box rule (pads, a 5-frame mean) start from these boxes, not from
+    # the Savitzky-Golay-smoothed ones; the preview's mouth index measures lips by the raw points.
     wobble = [shifted(LEFT, dx=3.0 * (-1) ** i) for i in range(10)]
     track = scripted([[b] for b in wobble[:8]] + [[]] + [[b] for b in wobble[9:]])
     raw = np.array(wobble)
@@ -93,6 +93,9 @@ def test_raw_boxes_are_the_detector_boxes_before_smoothing_and_gap_filling():
     np.testing.assert_array_equal(track.raw_boxes, raw)
     assert not np.allclose(track.boxes[:8], raw[:8])  # the smoothed ones differ
     assert np.isfinite(track.boxes).all()
+    points = BoxLandmarks().landmarks([FRAME] * 10, raw)
+    np.testing.assert_array_equal(track.raw_landmarks, points)  # NaN on frame 8 too
+    assert not np.allclose(track.landmarks[:8], points[:8])
 
 
 @pytest.mark.parametrize(("select", "expected"), [(0, LEFT), (1, RIGHT), ("1", RIGHT), ("0", LEFT)])
@@ -177,6 +180,22 @@ def test_short_runs_are_smoothed_with_a_shorter_window_or_kept():
     np.testing.assert_allclose(track.boxes[:3], [shifted(LEFT, dx=d) for d in (0, 3, 1)], atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("length", "window", "order"), [(250, 7, 2), (7, 7, 2), (6, 7, 2), (40, 9, 3), (3, 3, 2)]
+)
+def test_smoothing_is_scipys_savitzky_golay_filter(length, window, order):
+    from scipy.signal import savgol_filter
+
+    points = np.random.default_rng(length).normal(300.0, 50.0, (length, 68, 2))
+    found = np.ones(length, bool)
+    short = min(window, length if length % 2 else length - 1)  # the window a short run shrinks to
+    np.testing.assert_allclose(
+        tracking._smooth_runs(points, found, window, order),
+        savgol_filter(points, short, order, axis=0),
+        atol=1e-9,
+    )
+
+
 def test_accepts_chunks_batches_and_single_frames_and_reports_progress():
     per_frame = [[shifted(RIGHT, dx=i)] for i in range(5)]
     stack = np.stack([FRAME] * 5)
@@ -226,7 +245,7 @@ def test_save_and_load_round_trip(tmp_path: Path):
     track = scripted([[LEFT], [], [shifted(LEFT, dx=4)]])
     track.save(tmp_path / "track.npz")
     loaded = FaceTrack.load(tmp_path / "track.npz")
-    for name in ("boxes", "landmarks", "found", "raw_boxes"):
+    for name in ("boxes", "landmarks", "found", "raw_boxes", "raw_landmarks"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(track, name))
     assert loaded.faceless_ranges() == [(1, 2)]
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

@@ -29,7 +29,7 @@ class SourceClip:
     info: media.VideoInfo
     start: int
     end: int
-    content_key: str  # sha256 of the decoded frames [start, end)
+    content_key: str  # sha256 of what frames [start, end) decode from (media.hash_packets)
     track: FaceTrack  # of frames [start, end): row k is frame start + k
     cache: ArtifactCache | None
     device: str  # the request's auto|cpu|cuda[:N]: engines that use torch resolve it (retalk.device)

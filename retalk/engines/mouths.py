@@ -204,8 +204,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
 
     The points are the landmark model's own on the frame, not the track's: those are smoothed over several
     frames, which leaves fast lips up to a few hundredths of an eye distance off the pixels the patch shows,
-    and the exemplar would be warped by that error. The model runs from two boxes (the track's smoothed one
-    and the detector's own); the points are their mean, and how far the two openings differ is the
+    and the exemplar would be warped by that error. The model runs from two boxes: the track's smoothed one,
+    here, and the detector's own, whose points the tracker kept (``FaceTrack.raw_landmarks``; the preview's
+    tracker is dlib's, as here). The points are their mean, and how far the two openings differ is the
     exemplar's doubt: the choice avoids mouths whose lips the model cannot pin down."""
     track = clip.track
     openings = np.zeros(len(track))  # faceless frames have no eyes to measure by (and are no candidates)
@@ -213,8 +214,9 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
     frames = select_exemplars(track.found, openings)
     width, height = PATCH_SIZE
     patches = np.empty((len(frames), height, width, 3), np.uint8)
+    on_smoothed_box = np.empty((len(frames), 68, 2))
+    on_detector_box = track.raw_landmarks[frames]  # the tracker measured the detector's box on these frames
     landmarks = np.empty((len(frames), 68, 2))
-    doubt = np.empty(len(frames))
     if len(frames):
         landmarker = DlibLandmarks()  # the tracker's model
         first, last = int(frames[0]), int(frames[-1])
@@ -226,12 +228,8 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
                 rows = np.searchsorted(frames, local)
                 for frame, row, at in zip(chunk.frames, rows, local, strict=True):
                     if row < len(frames) and frames[row] == at:
-                        two = [
-                            landmarker.landmarks([frame], box[None])[0]
-                            for box in (track.boxes[at], track.raw_boxes[at])
-                        ]
-                        landmarks[row] = (two[0] + two[1]) / 2
-                        doubt[row] = abs(mouth_shapes(two[0])[0] - mouth_shapes(two[1])[0])
+                        on_smoothed_box[row] = landmarker.landmarks([frame], track.boxes[at][None])[0]
+                        landmarks[row] = (on_smoothed_box[row] + on_detector_box[row]) / 2
                         patches[row] = cv2.warpAffine(
                             frame,
                             patch_transform(landmarks[row]),
@@ -244,6 +242,7 @@ def build_mouth_index(clip: SourceClip, report: Callable[[str, int, int], None] 
         finally:
             decoded.close()
     lips = to_patch(landmarks)[:, LIPS]
+    doubt = np.abs(mouth_shapes(on_smoothed_box)[:, 0] - mouth_shapes(on_detector_box)[:, 0])
     return MouthIndex(frames, patches, lips, mouth_shapes(landmarks), doubt, *_from_track(track))
 
 

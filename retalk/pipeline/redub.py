@@ -10,6 +10,7 @@ job (``retalk.pipeline.segments``).
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 import retalk
 from retalk import media
-from retalk.cache import ArtifactCache, FrameHasher, cache_key
+from retalk.cache import ArtifactCache, cache_key
 from retalk.checkpoints import find_checkpoint, is_synthetic, missing_checkpoints
 from retalk.engines import Engine, SourceClip
 from retalk.engines.preview import PreviewEngine
@@ -187,24 +188,24 @@ class _Stages:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> tuple[np.ndarray, np.ndarray]:
-    """The new audio at ANALYSIS_RATE and at OUTPUT_AUDIO_RATE, from one decode."""
-    wav, wav_out = media.read_audio_rates(
-        request.audio, (ANALYSIS_RATE, OUTPUT_AUDIO_RATE), start=request.audio_offset, duration=duration
+def _read_new_audio(request: RedubRequest, duration: Fraction | None) -> np.ndarray:
+    """The new audio at ANALYSIS_RATE."""
+    wav = media.read_audio(
+        request.audio, start=request.audio_offset, duration=duration, sample_rate=ANALYSIS_RATE
     )
     if len(wav) == 0:
         raise InputError(
             f"--audio {request.audio}: no audio after --audio-offset {float(request.audio_offset)} s "
             "(the file is empty or shorter than the offset)"
         )
-    return wav, wav_out
+    return wav
 
 
-def _hash_frames(path: Path, start: int, end: int, hasher: FrameHasher) -> Iterator[int]:
-    """Frames [start, end) into ``hasher``, chunk by chunk; after each, how many are done."""
-    for chunk in media.iter_frames(path, start, end, chunk_size=CHUNK_FRAMES):
-        hasher.update(chunk.frames)
-        yield chunk.start + len(chunk.frames) - start
+def _output_audio(request: RedubRequest, duration: Fraction | None) -> Iterator[np.ndarray]:
+    """The new audio at OUTPUT_AUDIO_RATE (one item: for media.Ahead, which makes it on a thread)."""
+    yield media.read_audio(
+        request.audio, start=request.audio_offset, duration=duration, sample_rate=OUTPUT_AUDIO_RATE
+    )
 
 
 def choose_tracker(request: RedubRequest, engine: str) -> tuple[Tracker, list[str]]:
@@ -401,22 +402,26 @@ def prepare(
         FaceSelector(request.face)  # refuses a malformed --face before any work
         info = media.probe(request.video)
         start, end = request.frame_range(info.frame_count)
-    # the content hash of stage 3 decodes on a thread from here on, beside the audio read and the plan
-    hasher = FrameHasher() if content_key is None else None
-    hashing = None
+    # the content hash of stage 3 (the range's packets, not decoded) reads on a thread from here on, beside
+    # the audio read and the plan
+    hasher = hashlib.sha256() if content_key is None else None
+    hashing = output_audio = None
     if hasher is not None:
         chunks = -(-(end - start) // CHUNK_FRAMES)
-        hashing = media.Ahead(_hash_frames(request.video, start, end, hasher), chunks + 1, "retalk-hash")
+        packets = media.hash_packets(request.video, start, end, hasher, every=CHUNK_FRAMES)
+        hashing = media.Ahead(packets, chunks + 1, "retalk-hash")
     try:
         with stages.timed("check"):
             # --fit video needs the range's length of audio (a second more tells whether some is cut)
             needed = None if request.fit == "audio" else Fraction(end - start) / info.rate + 1
-            wav16k, wav_out = _read_new_audio(request, needed)
+            wav16k = _read_new_audio(request, needed)
             if np.abs(wav16k).max() < SILENCE_PEAK:
                 raise InputError(
                     f"--audio {request.audio}: the replacement audio is silent (peak below -80 dBFS); "
                     "check the file and --audio-offset"
                 )
+            # the output's audio is only encoded: it is resampled on a thread beside stages 2-4
+            output_audio = media.Ahead(_output_audio(request, needed), 1, "retalk-audio")
             engine, engine_warnings = choose_engine(request)
             warnings += engine_warnings
             tracker, tracker_warnings = choose_tracker(request, engine.name)
@@ -443,29 +448,31 @@ def prepare(
             warnings += timeline.warnings
             n_out = timeline.frames
             wav16k = fit_audio(wav16k, timeline.audio_samples)
-            wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
 
-        # 3. track faces (video-only: cached by decoded content, never by file name)
+        # 3. track faces (video-only: cached by content, never by file name)
         if hashing is not None:
             with stages.timed("hash"):
                 for done in hashing:
                     stages.emit("hash", done, end - start)
             content_key = hasher.hexdigest()
-    finally:
-        if hashing is not None:
-            hashing.close()  # bad audio, a cancel: the hashing thread stops too
-    cache = ArtifactCache(request.cache_dir) if request.use_cache else None
-    with stages.timed("track"):
-        track, hit = _track(request, tracker, start, end, content_key, cache, stages)
-        if hit:
-            cache_hits.append("track")
-        stages.emit("track", end - start, end - start, "from cache" if hit else "")
+        cache = ArtifactCache(request.cache_dir) if request.use_cache else None
+        with stages.timed("track"):
+            track, hit = _track(request, tracker, start, end, content_key, cache, stages)
+            if hit:
+                cache_hits.append("track")
+            stages.emit("track", end - start, end - start, "from cache" if hit else "")
 
-    # 4. the engine's video-only and audio-only preparation
-    with stages.timed("prepare"):
-        clip = SourceClip(request.video, info, start, end, content_key, track, cache, request.device)
-        cache_hits += engine.prepare(clip, stages.emit)
-        warnings += engine.listen(wav16k, info.rate, n_out)
+        # 4. the engine's video-only and audio-only preparation
+        with stages.timed("prepare"):
+            clip = SourceClip(request.video, info, start, end, content_key, track, cache, request.device)
+            cache_hits += engine.prepare(clip, stages.emit)
+            warnings += engine.listen(wav16k, info.rate, n_out)
+            (wav_out,) = output_audio
+            wav_out = fit_audio(wav_out, samples_for_frames(n_out, info.rate, OUTPUT_AUDIO_RATE))
+    finally:
+        for thread in (hashing, output_audio):
+            if thread is not None:
+                thread.close()  # bad audio, a cancel, a failure: their threads stop too
 
     return PreparedRedub(request, clip, timeline, engine, wav_out, warnings, cache_hits, stages)
 
