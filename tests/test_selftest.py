@@ -57,7 +57,7 @@ def test_tolerance_overrides():
 
 
 def _case(golden: str, run, tolerances=None) -> Case:
-    def checked(inputs, meta, folder, device):
+    def checked(inputs, meta, folder, device, backend):
         assert meta["seed"] == 7 and folder.is_dir()
         return run(inputs)
 
