@@ -193,6 +193,7 @@ def _engine(folder: Path, cache: Path, backend: str) -> NeuralEngine:
 
 
 def test_the_option_reaches_the_engine_and_its_prepare_key(ganimation_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(
         NeuralEngine, "_file_identity", lambda self, name: name
     )  # only GANimation's file is here
@@ -200,7 +201,7 @@ def test_the_option_reaches_the_engine_and_its_prepare_key(ganimation_files, tmp
     openvino_engine = _engine(ganimation_files, tmp_path, "openvino")
     assert isinstance(torch_engine._network(GANIMATION), nn.Module)
     network = openvino_engine._network(GANIMATION)
-    assert isinstance(network, backends.OpenVinoNetwork) and network.store == tmp_path / "openvino"
+    assert isinstance(network, backends.OpenVinoNetwork) and network.store == tmp_path / "retalk" / "openvino"
     assert openvino_engine._network(GANIMATION) is network  # one per process
     clip = SimpleNamespace(content_key="pixels", track=SimpleNamespace(digest=lambda: "track"))
     assert torch_engine._prepare_key(clip) != openvino_engine._prepare_key(clip)
@@ -209,7 +210,10 @@ def test_the_option_reaches_the_engine_and_its_prepare_key(ganimation_files, tmp
     )
 
 
-def test_ganimation_through_the_engine_runs_on_openvino_within_the_fp32_rule(ganimation_files, tmp_path):
+def test_ganimation_through_the_engine_runs_on_openvino_within_the_fp32_rule(
+    ganimation_files, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     """A real network of the engine (the smallest: GANimation) on synthetic weights, as the engine calls it."""
     eager = _engine(ganimation_files, tmp_path, "torch")._network(GANIMATION)
     network = _engine(ganimation_files, tmp_path, "openvino")._network(GANIMATION)

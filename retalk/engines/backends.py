@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import retalk
-from retalk.cache import cache_key
+from retalk.cache import cache_key, default_cache_dir
 from retalk.errors import InputError
 
 # auto: OpenVINO on the CPU in fp32 when it is installed, else torch
@@ -92,10 +92,11 @@ def choose_backend(choice: str, device: torch.device, precision: str) -> str:
     return "openvino"
 
 
-def default_store(cache_dir: Path) -> Path:
-    """The folder under retalk's cache that keeps the converted models (beside the artifact cache's kinds,
-    named so that its size budget never evicts them: a model is rebuilt only when its checkpoint changes)."""
-    return Path(cache_dir) / "openvino"
+def default_store() -> Path:
+    """Where converted models are kept: one folder per machine in retalk's cache folder (they depend on the
+    checkpoint files and the OpenVINO version only, so every job and cache folder shares them). Its own
+    folder, named so that the artifact cache's size budget never evicts them; delete it to reclaim the space."""
+    return default_cache_dir() / "openvino"
 
 
 class _Flat(nn.Module):

@@ -33,7 +33,7 @@ from PIL import Image
 import retalk
 from retalk import checkpoints, media
 from retalk.audio import mel_chunks_for_frames, melspectrogram
-from retalk.cache import ArtifactCache, cache_key, default_cache_dir
+from retalk.cache import ArtifactCache, cache_key
 from retalk.checkpoints.catalogue import DNET, ENET, EXPRESSION, FACE3D, GANIMATION, GFPGAN, GPEN, PARSENET
 from retalk.device import autocast, check_precision, resolve_device
 from retalk.engines import SourceClip, backends, options_ignored_by, torch_steps
@@ -212,7 +212,7 @@ class NeuralEngine:
     def _network(self, name: str) -> Callable:
         """The network of the official file ``name``, loaded once per process (a server keeps it warm), on the
         request's backend: the torch module, or its OpenVINO model (converted on its first call, then kept in
-        the cache folder; retalk.engines.backends)."""
+        the machine's model store; retalk.engines.backends)."""
         if self._backend == "torch":
             return checkpoints.load(name, self.request.checkpoints, device=self.device)
         spec = checkpoints.get_spec(name)
@@ -220,10 +220,7 @@ class NeuralEngine:
         # built afresh, outside checkpoints.load's per-process cache: freed once its model is compiled
         build = functools.partial(checkpoints.resolve_loader(spec), *paths, device=self.device)
         identity = repr([checkpoints.file_identity(p) for p in paths])
-        return backends.openvino_network(name, identity, build, backends.default_store(self._cache_root()))
-
-    def _cache_root(self) -> Path:
-        return self.request.cache_dir if self.request.cache_dir is not None else default_cache_dir()
+        return backends.openvino_network(name, identity, build, backends.default_store())
 
     def _expression_identity(self) -> tuple:
         if self.request.expression in EXPRESSION_KEYS:
