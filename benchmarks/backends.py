@@ -71,9 +71,7 @@ def median_ms(run: Callable[[], object], repeat: int) -> float:
 
 
 def openvino_runner(model: torch.nn.Module, leaves: list, in_spec, folder: Path) -> Callable[[list], list]:
-    xml = folder / "model.xml"
-    per_item = backends.export(model, leaves, in_spec, xml)
-    compiled = backends.compile_model(xml)
+    compiled, per_item = backends.export(model, leaves, in_spec, folder / "model.xml")
     return lambda flat: backends.run_compiled(compiled, flat, per_item)
 
 

@@ -5,6 +5,7 @@ converted model disagrees, and the ``backend`` job option reaches the neural eng
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from retalk.engines import backends
 from retalk.engines.neural import NeuralEngine
 from retalk.errors import InputError
 from retalk.pipeline.request import RedubRequest
-from retalk.selftest import compare
+from retalk.selftest import COMPACT_GOLDEN, compare, run_selftest
 
 pytest.importorskip("openvino")
 
@@ -61,7 +62,7 @@ def _network(module: nn.Module, store: Path, built: list) -> backends.OpenVinoNe
         built.append(1)
         return module.eval()
 
-    return backends.OpenVinoNetwork("nested.pth", "identity 1", load, store)
+    return backends.OpenVinoNetwork("nested.v1.pth", "identity 1", load, store)
 
 
 def _assert_close(expected, got):
@@ -82,7 +83,10 @@ def test_the_wrapper_keeps_the_call_and_outputs_of_the_module_for_any_batch(tmp_
         with torch.inference_mode():
             _assert_close(module(*args, **kwargs), network(*args, **kwargs))
     # one conversion (the batch is dynamic), and the torch module let go once its model was compiled
-    assert len(list(tmp_path.glob("*.xml"))) == 1 and network._eager is None and built == [1]
+    (xml,) = tmp_path.glob("*.xml")
+    assert xml.name.startswith("nested.v1-") and xml.with_suffix(".bin").is_file()  # a dotted name kept whole
+    assert network._eager is None and built == [1]
+    assert not list(tmp_path.glob(".convert-*"))  # the conversion's scratch folder is gone
     verdict = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert verdict["adopted"] and not verdict["per_item"]
     # another input signature (here: one noise map fewer) is another model
@@ -105,10 +109,10 @@ def test_a_fresh_process_loads_the_stored_model_without_building_the_network(tmp
 import torch
 from pathlib import Path
 from retalk.engines import backends
-from retalk.selftest import compare
+from retalk.selftest import COMPACT_GOLDEN, compare, run_selftest
 def load():
     raise AssertionError("the network was built: the stored model was not used")
-network = backends.OpenVinoNetwork("nested.pth", "identity 1", load, Path({str(tmp_path / "store")!r}))
+network = backends.OpenVinoNetwork("nested.v1.pth", "identity 1", load, Path({str(tmp_path / "store")!r}))
 args, kwargs, expected = torch.load({str(tmp_path / "io.pt")!r})
 got = network(*args, **kwargs)
 assert all(compare(expected[k], got[k]).passed for k in ("image",))
@@ -118,7 +122,7 @@ print("reused")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "reused", done.stderr[-2000:]
     # a changed checkpoint (another identity) is converted afresh
-    other = backends.OpenVinoNetwork("nested.pth", "identity 2", lambda: module, tmp_path / "store")
+    other = backends.OpenVinoNetwork("nested.v1.pth", "identity 2", lambda: module, tmp_path / "store")
     other(*args, **kwargs)
     assert len(list((tmp_path / "store").glob("*.xml"))) == 2
 
@@ -228,3 +232,13 @@ def test_ganimation_through_the_engine_runs_on_openvino_within_the_fp32_rule(
             assert row.passed, row
     assert not network.on_torch and network._eager is None
     assert np.isfinite(got[0].numpy()).all()
+
+
+def test_selftest_backend_openvino_checks_the_converted_network_against_the_golden_outputs(tmp_path):
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    shutil.copy(COMPACT_GOLDEN / "GANimation_gen.npz", golden)
+    rows = run_selftest(golden, tmp_path / "checkpoints", "cpu", backend="openvino")
+    assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
+    (verdict,) = (tmp_path / "checkpoints" / "openvino").glob("*.json")
+    assert json.loads(verdict.read_text())["adopted"]

@@ -156,31 +156,32 @@ def convert(
         for t in leaves
     ]
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # the tracer's advice on data-dependent Python values and its own future
+        # the tracer's advice on data-dependent Python values, and its own deprecation
+        warnings.simplefilter("ignore")
         return ov.convert_model(_Flat(module, in_spec), example_input=tuple(leaves), input=shapes)
 
 
-def export(module: nn.Module, leaves: Sequence[torch.Tensor], in_spec: pytree.TreeSpec, xml: Path) -> bool:
-    """Write the IR of ``module`` to ``xml`` (and its .bin); True when the model takes one item per call.
+def export(
+    module: nn.Module, leaves: Sequence[torch.Tensor], in_spec: pytree.TreeSpec, xml: Path
+) -> tuple[Any, bool]:
+    """Write the IR of ``module`` to ``xml`` (and its .bin); its compiled model, and True when that takes one
+    item per call.
 
     A dynamic batch first; when the CPU plugin refuses it (StyleGAN2's modulated convolutions, one group per
     sample, give weights whose shape follows the batch) a model of batch 1, called item by item."""
-    for per_item in (False, True):
-        example = [t[:1] for t in leaves] if per_item else leaves
-        model = convert(module, example, in_spec, dynamic=not per_item)
-        _openvino().save_model(model, xml, compress_to_fp16=False)
-        del model
-        gc.collect()
-        if per_item:
-            return True
-        try:
-            compile_model(xml)
-            return False
-        except RuntimeError as err:
-            _log.info("backend: no dynamic batch (%s); converting for one item per call", _first_line(err))
-    raise AssertionError("unreachable")
+    _save(convert(module, leaves, in_spec, dynamic=True), xml)
+    try:
+        return compile_model(xml), False
+    except RuntimeError as err:
+        _log.info("backend: no dynamic batch (%s); converting for one item per call", _first_line(err))
+    _save(convert(module, [t[:1] for t in leaves], in_spec, dynamic=False), xml)
+    return compile_model(xml), True
+
+
+def _save(model: Any, xml: Path) -> None:
+    _openvino().save_model(model, xml, compress_to_fp16=False)
+    del model  # the converted graph holds a copy of the weights until then
+    gc.collect()
 
 
 def compile_model(model: Any) -> Any:
@@ -242,8 +243,8 @@ class OpenVinoNetwork:
         """The model's IR (.xml, .bin) and its verdict (.json) for an input signature."""
         key = cache_key("openvino", STORE_FORMAT, retalk.__version__, self.name, self.identity, signature,
                         _openvino().__version__)  # fmt: skip
-        stem = self.store / f"{Path(self.name).stem}-{key[:24]}"
-        return stem.with_suffix(".xml"), stem.with_suffix(".bin"), stem.with_suffix(".json")
+        stem = f"{Path(self.name).stem}-{key[:24]}"
+        return tuple(self.store / f"{stem}.{suffix}" for suffix in ("xml", "bin", "json"))
 
     def _eager_module(self) -> nn.Module:
         if self._eager is None:
@@ -272,21 +273,23 @@ class OpenVinoNetwork:
             expected = eager(*args, **kwargs)
         start = time.perf_counter()
         expected_leaves, out_spec = pytree.tree_flatten(expected)
-        converted, detail = self._convert(eager, leaves, in_spec, expected_leaves, xml)
+        converted, detail = self._convert(eager, leaves, in_spec, expected_leaves, xml, weights)
         seconds = time.perf_counter() - start
-        per_item = converted is not None and converted[0]
+        per_item = converted is not None and converted[1]
         _write_verdict(verdict_path, converted is not None, detail, seconds, out_spec, per_item)
         if converted is None:
             self._models[signature] = None
             self.on_torch[signature] = detail
             _log.warning("backend: %s stays on torch: %s", self.name, detail)
             return expected
-        self._models[signature] = _Compiled(compile_model(xml), out_spec, per_item)
+        compiled, per_item, got = converted
+        self._models[signature] = _Compiled(compiled, out_spec, per_item)
         self._eager = None  # the compiled model holds the weights now
+        del eager
         gc.collect()
         _log.info("backend: %s runs on OpenVINO (converted in %.0f s, %s)", self.name, seconds, detail)
         # the converted model's numbers from the first call on: a frame renders the same in any call
-        return pytree.tree_unflatten(converted[1], out_spec)
+        return pytree.tree_unflatten(got, out_spec)
 
     def _convert(
         self,
@@ -295,24 +298,25 @@ class OpenVinoNetwork:
         in_spec: pytree.TreeSpec,
         expected: list[torch.Tensor],
         xml: Path,
-    ) -> tuple[tuple[bool, list[torch.Tensor]] | None, str]:
+        weights: Path,
+    ) -> tuple[tuple[Any, bool, list[torch.Tensor]] | None, str]:
         """Convert and verify against ``expected`` (eager's flat outputs); when they agree, move the IR into
-        place and return (whether it runs item by item, its outputs), else None: stay on torch; and how well
-        it agreed, or why not."""
+        place and return (the compiled model, whether it runs item by item, its outputs), else None: stay on
+        torch; and how well it agreed, or why not."""
         self.store.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=self.store) as folder:
             tmp_xml = Path(folder) / "model.xml"
             try:
-                per_item = export(eager, leaves, in_spec, tmp_xml)
-                got = run_compiled(compile_model(tmp_xml), leaves, per_item)
+                compiled, per_item = export(eager, leaves, in_spec, tmp_xml)
+                got = run_compiled(compiled, leaves, per_item)
             except Exception as err:  # any converter failure leaves the network on torch
                 return None, f"conversion failed ({type(err).__name__}: {_first_line(err)})"
             adopted, detail = agreement(expected, got)
             if not adopted:
                 return None, detail
-            os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(tmp_xml.with_suffix(".bin"), weights)
             os.replace(tmp_xml, xml)
-        return (per_item, got), detail
+        return (compiled, per_item, got), detail
 
 
 def _first_line(err: BaseException) -> str:
