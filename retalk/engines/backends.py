@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 import retalk
 from retalk.cache import cache_key, default_cache_dir
+from retalk.checkpoints import file_identity
 from retalk.errors import InputError
 
 # auto: OpenVINO on the CPU in fp32 when it is installed, else torch
@@ -97,6 +98,12 @@ def default_store() -> Path:
     checkpoint files and the OpenVINO version only, so every job and cache folder shares them). Its own
     folder, named so that the artifact cache's size budget never evicts them; delete it to reclaim the space."""
     return default_cache_dir() / "openvino"
+
+
+def files_identity(paths: Sequence[Path]) -> str:
+    """The identity of a network's checkpoint files (name, size, modification time of each): a converted
+    model is valid while it holds."""
+    return repr([file_identity(p) for p in paths])
 
 
 class _Flat(nn.Module):

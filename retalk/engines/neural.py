@@ -219,7 +219,7 @@ class NeuralEngine:
         paths = tuple(checkpoints.find_checkpoint(n, self.request.checkpoints) for n in spec.files)
         # built afresh, outside checkpoints.load's per-process cache: freed once its model is compiled
         build = functools.partial(checkpoints.resolve_loader(spec), *paths, device=self.device)
-        identity = repr([checkpoints.file_identity(p) for p in paths])
+        identity = backends.files_identity(paths)
         return backends.openvino_network(name, identity, build, backends.default_store())
 
     def _expression_identity(self) -> tuple:

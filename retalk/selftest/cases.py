@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from retalk.align import LM3D_STD, align_img, calc_alignment_coefficients
 from retalk.audio import mel_chunks, melspectrogram
 from retalk.blend import laplacian_pyramid_blend
-from retalk.checkpoints import file_identity
 from retalk.coeffs import find_crop_norm_ratio, split_coeff, transform_semantic, window_indices
-from retalk.engines.backends import OpenVinoNetwork
+from retalk.engines.backends import OpenVinoNetwork, files_identity
 from retalk.models import dnet, enet, face3d, ganimation, gfpgan, gpen, lnet, parsing, retinaface, s3fd
 from retalk.synthetic import noise_tensor
 
@@ -82,8 +81,7 @@ def _network(
 def _openvino(golden: str, model: nn.Module, paths: list[Path], folder: Path) -> OpenVinoNetwork:
     """``model`` on OpenVINO, converted on the golden inputs (the converted model in ``folder``/openvino, reused
     while the synthetic files stay as they are)."""
-    identity = repr([file_identity(p) for p in paths])
-    return OpenVinoNetwork(golden, identity, lambda: model, folder / "openvino")
+    return OpenVinoNetwork(golden, files_identity(paths), lambda: model, folder / "openvino")
 
 
 def _enet(model: nn.Module, x: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
