@@ -13,6 +13,8 @@ why in one line. onnxruntime is a benchmark-only dependency.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import tempfile
@@ -72,7 +74,8 @@ def median_ms(run: Callable[[], object], repeat: int) -> float:
 
 def openvino_runner(model: torch.nn.Module, leaves: list, in_spec, folder: Path) -> Callable[[list], list]:
     compiled, per_item = backends.export(model, leaves, in_spec, folder / "model.xml")
-    return lambda flat: backends.run_compiled(compiled, flat, per_item)
+    request = compiled.create_infer_request()
+    return lambda flat: backends.run_compiled(request, flat, per_item)
 
 
 def onnxruntime_runner(model: torch.nn.Module, leaves: list, in_spec, folder: Path) -> Callable[[list], list]:
@@ -80,7 +83,8 @@ def onnxruntime_runner(model: torch.nn.Module, leaves: list, in_spec, folder: Pa
 
     path = folder / "model.onnx"
     names = [f"in{i}" for i in range(len(leaves))]
-    with torch.no_grad():
+    # the exporter prints the whole graph when it fails: the row's one line says why
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
             backends._Flat(model, in_spec),
             tuple(leaves),

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,24 +202,30 @@ def compile_model(model: Any) -> Any:
     return _core().compile_model(model, "CPU", config)
 
 
-def run_compiled(compiled: Any, leaves: Sequence[torch.Tensor], per_item: bool = False) -> list[torch.Tensor]:
-    """The flat outputs of ``compiled`` on the flat inputs, as torch tensors (one infer request per call, so
-    threads may share the model); ``per_item``: a batch-1 model, run on each item, the outputs concatenated."""
+def run_compiled(request: Any, leaves: Sequence[torch.Tensor], per_item: bool = False) -> list[torch.Tensor]:
+    """The flat outputs of a compiled model's infer request on the flat inputs, as torch tensors; ``per_item``:
+    a batch-1 model, run on each item, the outputs concatenated."""
     if per_item:
-        items = [run_compiled(compiled, [t[i : i + 1] for t in leaves]) for i in range(len(leaves[0]))]
+        items = [run_compiled(request, [t[i : i + 1] for t in leaves]) for i in range(len(leaves[0]))]
         return [torch.cat(outputs) for outputs in zip(*items, strict=True)]
-    request = compiled.create_infer_request()
     results = request.infer([np.ascontiguousarray(t.detach().cpu().numpy()) for t in leaves])
-    return [torch.from_numpy(np.array(results[output])) for output in compiled.outputs]
+    return [torch.from_numpy(np.array(results[output])) for output in request.model_outputs]
 
 
-class _Compiled(NamedTuple):
-    model: Any  # the compiled model
-    out_spec: pytree.TreeSpec  # how its flat outputs nest, as the torch module returns them
-    per_item: bool  # a batch-1 model (see export)
+class _Compiled:
+    """A compiled model with one infer request, reused call after call: its buffers are allocated once, not
+    per call (a request per call let the process's memory grow); a lock keeps threads from sharing it at once."""
+
+    def __init__(self, model: Any, out_spec: pytree.TreeSpec, per_item: bool) -> None:
+        self.request = model.create_infer_request()
+        self.out_spec = out_spec  # how its flat outputs nest, as the torch module returns them
+        self.per_item = per_item  # a batch-1 model (see export)
+        self._lock = threading.Lock()
 
     def __call__(self, leaves: Sequence[torch.Tensor]) -> Any:
-        return pytree.tree_unflatten(run_compiled(self.model, leaves, self.per_item), self.out_spec)
+        with self._lock:
+            flat = run_compiled(self.request, leaves, self.per_item)
+        return pytree.tree_unflatten(flat, self.out_spec)
 
 
 class OpenVinoNetwork:
@@ -315,7 +321,7 @@ class OpenVinoNetwork:
             tmp_xml = Path(folder) / "model.xml"
             try:
                 compiled, per_item = export(eager, leaves, in_spec, tmp_xml)
-                got = run_compiled(compiled, leaves, per_item)
+                got = run_compiled(compiled.create_infer_request(), leaves, per_item)
             except Exception as err:  # any converter failure leaves the network on torch
                 return None, f"conversion failed ({type(err).__name__}: {_first_line(err)})"
             adopted, detail = agreement(expected, got)
