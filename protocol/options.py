@@ -148,6 +148,15 @@ JOB_OPTIONS = {
             engines=("neural",),
         ),
         Option(
+            "backend",
+            str,
+            "auto",
+            "where the networks run on the CPU: openvino (faster, fp32), torch, or auto (openvino on the CPU "
+            "when it is installed, torch on CUDA)",
+            choices=("auto", "torch", "openvino"),
+            engines=("neural",),
+        ),
+        Option(
             "use_cache",
             bool,
             True,

@@ -177,6 +177,7 @@ def run_bench(
     checkpoints: Path | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    backend: str = "auto",
     sheet: Path | None = None,
 ) -> dict:
     """First and second take of ``video`` re-dubbed with ``audio``, each in a fresh process, all with one cache
@@ -193,6 +194,7 @@ def run_bench(
         checkpoints=checkpoints,
         device=device,
         precision=precision,
+        backend=backend,
         codec=codec,
         cache_dir=folder / "cache",
     )

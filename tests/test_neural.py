@@ -294,6 +294,7 @@ def _request(clip: Clip, checkpoints, audio, name, **kwargs) -> RedubRequest:
         codec="lossless",
         checkpoints=checkpoints,
         cache_dir=clip.folder / "cache",
+        backend="torch",  # the engine's steps on torch; tests/test_backends.py covers OpenVINO
         **kwargs,
     )
 

@@ -57,7 +57,7 @@ def test_tolerance_overrides():
 
 
 def _case(golden: str, run, tolerances=None) -> Case:
-    def checked(inputs, meta, folder, device):
+    def checked(inputs, meta, folder, device, backend):
         assert meta["seed"] == 7 and folder.is_dir()
         return run(inputs)
 
@@ -142,7 +142,8 @@ def test_cli_prints_its_needs_up_front_and_removes_its_weights(tmp_path, monkeyp
     _golden(golden, "LNet.npz", **{"in.x": x, "out.y": x * 3})
     folders = []
 
-    def run(inputs, meta, folder, device):
+    def run(inputs, meta, folder, device, backend):
+        assert backend == "torch"  # the selftest checks the torch networks unless --backend says otherwise
         folders.append(folder)
         assert (folder / "LNet.pth").is_file()  # the runner wrote the synthetic weights first
         return {"y": inputs["in.x"] * 3}

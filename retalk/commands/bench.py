@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from retalk_protocol.options import JOB_OPTIONS
+
 from retalk.bench import default_reference_timing, format_report, reference_costs, run_bench
 from retalk.commands import add_command
 from retalk.errors import InputError
@@ -27,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto")
     parser.add_argument("--checkpoints", type=Path, help="folder of the official (or synthetic) checkpoints")
     parser.add_argument("--codec", choices=CODECS, default="h264")
+    backend = JOB_OPTIONS["backend"]
+    parser.add_argument(backend.flag, choices=backend.choices, default=backend.default, help=backend.help)
     parser.add_argument("--long", type=float, default=60.0, help="seconds of the long take (the clip loops)")
     parser.add_argument(
         "--reference-timing",
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             start=args.start,
             end=args.end,
             checkpoints=args.checkpoints,
+            backend=args.backend,
             sheet=args.sheet,
         )
     results["reference"] = reference

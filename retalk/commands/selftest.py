@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from retalk_protocol.options import JOB_OPTIONS
+
 from retalk.commands import add_command
 from retalk.commands.redub import add_device_options
 
@@ -36,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with a relaxed rel L2 rule",
     )
     parser.add_argument(
+        "--backend",
+        choices=JOB_OPTIONS["backend"].choices,
+        default="torch",
+        help="run the networks on this backend (openvino: their converted models, checked with the same "
+        "tolerances; the conversion adds minutes) (default: torch)",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         metavar="DIR",
@@ -47,17 +56,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def selftest_command(args: argparse.Namespace) -> int:
     from retalk.device import check_precision, resolve_device
+    from retalk.engines.backends import choose_backend
     from retalk.selftest import format_table, golden_files, rows_to_json, run_selftest, synthetic_bytes
 
     device = resolve_device(args.device)
     check_precision(device, args.precision)
+    backend = choose_backend(args.backend, device, args.precision)
     if args.pipeline is not None:
         return _pipeline(args, device)
     files = golden_files(args.golden)
     gigabytes = synthetic_bytes(files) / 1e9
     where = args.keep if args.keep is not None else "a temporary folder (removed after)"
     print(
-        f"selftest: {len(files)} golden files on {device}; the synthetic weights take {gigabytes:.1f} GB "
+        f"selftest: {len(files)} golden files on {device} ({backend}); the synthetic weights take {gigabytes:.1f} GB "
         f"in {where}; about {max(1, round(gigabytes * SECONDS_PER_GB / 60))} min on a 2-core CPU",
         file=sys.stderr,
     )
@@ -66,6 +77,7 @@ def selftest_command(args: argparse.Namespace) -> int:
         args.keep,
         device,
         args.precision,
+        backend=backend,
         on_start=lambda name: print(f"selftest: {name}", file=sys.stderr),
     )
     print(json.dumps(rows_to_json(rows)) if args.json else format_table(rows))

@@ -36,7 +36,7 @@ from retalk.audio import mel_chunks_for_frames, melspectrogram
 from retalk.cache import ArtifactCache, cache_key
 from retalk.checkpoints.catalogue import DNET, ENET, EXPRESSION, FACE3D, GANIMATION, GFPGAN, GPEN, PARSENET
 from retalk.device import autocast, check_precision, resolve_device
-from retalk.engines import SourceClip, options_ignored_by, torch_steps
+from retalk.engines import SourceClip, backends, options_ignored_by, torch_steps
 from retalk.engines import neural_steps as steps
 from retalk.engines.geometry import FaceGeometry, nearest_found
 from retalk.errors import CheckpointError, InputError
@@ -188,6 +188,7 @@ class NeuralEngine:
         self.request = request
         self.device = resolve_device(request.device)
         check_precision(self.device, request.precision)
+        self._backend = backends.choose_backend(request.backend, self.device, request.precision)
         self._autocast = functools.partial(autocast, self.device, request.precision)
         self._aus = expression_aus(request.upper_face) if request.upper_face != "none" else None
         self._clip: SourceClip | None = None
@@ -208,9 +209,18 @@ class NeuralEngine:
     def _file_identity(self, name: str) -> str:
         return checkpoints.file_identity(self._checkpoint(name))
 
-    def _network(self, name: str) -> torch.nn.Module:
-        """The network of the official file ``name``, loaded once per process (a server keeps it warm)."""
-        return checkpoints.load(name, self.request.checkpoints, device=self.device)
+    def _network(self, name: str) -> Callable:
+        """The network of the official file ``name``, loaded once per process (a server keeps it warm), on the
+        request's backend: the torch module, or its OpenVINO model (converted on its first call, then kept in
+        the machine's model store; retalk.engines.backends)."""
+        if self._backend == "torch":
+            return checkpoints.load(name, self.request.checkpoints, device=self.device)
+        spec = checkpoints.get_spec(name)
+        paths = tuple(checkpoints.find_checkpoint(n, self.request.checkpoints) for n in spec.files)
+        # built afresh, outside checkpoints.load's per-process cache: freed once its model is compiled
+        build = functools.partial(checkpoints.resolve_loader(spec), *paths, device=self.device)
+        identity = backends.files_identity(paths)
+        return backends.openvino_network(name, identity, build, backends.default_store())
 
     def _expression_identity(self) -> tuple:
         if self.request.expression in EXPRESSION_KEYS:
@@ -231,6 +241,7 @@ class NeuralEngine:
             clip.track.digest(),
             self._expression_identity(),
             self.request.precision,
+            self._backend,  # the backends' numbers differ in the last bits
             *(self._file_identity(n) for n in PREPARE_CHECKPOINTS),
         )
 
@@ -312,7 +323,7 @@ class NeuralEngine:
                 ),
                 steps.per_frame_noise(
                     [self._seed(i, GFPGAN_NOISE) for i in outputs],
-                    steps.gfpgan_noise_shapes(gfpgan),
+                    steps.gfpgan_noise_shapes(),
                     self.device,
                 ),
                 [steps.face_area(b, width, height) for b in geometry.enet_boxes],

@@ -31,6 +31,7 @@ from retalk.align import (
     gpen_warp_matrices,
 )
 from retalk.blend import laplacian_pyramid_blend
+from retalk.checkpoints.catalogue import GFPGAN, get_spec
 from retalk.coeffs import dnet_driving_window
 from retalk.device import batch_size
 from retalk.models.enet import LNET_SIZE, PAD
@@ -500,9 +501,16 @@ def gfpgan_align(frames: np.ndarray, points5: np.ndarray) -> tuple[np.ndarray, n
     return crops, matrices
 
 
-def gfpgan_noise_shapes(gfpgan: nn.Module) -> list[tuple[int, int]]:
-    """GFPGAN's decoder noise sizes, one per StyleConv."""
-    return [tuple(getattr(gfpgan.noises, f"noise{i}").shape[-2:]) for i in range(gfpgan.decoder.num_layers)]
+def gfpgan_noise_shapes() -> list[tuple[int, int]]:
+    """GFPGAN's decoder noise sizes, one per StyleConv: those of its file's stored noise maps, read from the
+    catalogue's layout (an OpenVINO-compiled GFPGAN has no buffers to ask)."""
+    prefix = "stylegan_decoder.noises.noise"
+    shapes = {
+        int(name.removeprefix(prefix)): tuple(shape[-2:])
+        for name, shape, _ in get_spec(GFPGAN).entries
+        if name.startswith(prefix)
+    }
+    return [shapes[i] for i in range(len(shapes))]
 
 
 def restore_gfpgan(

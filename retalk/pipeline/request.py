@@ -43,6 +43,7 @@ class RedubRequest:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): the networks' arithmetic (device.autocast)
     codec: str = _default("codec")
     seed: int = _default("seed")
+    backend: str = _default("backend")
     cache_dir: Path | None = None  # default: platformdirs user cache / "retalk"
     use_cache: bool = _default("use_cache")
 

@@ -154,7 +154,12 @@ def compact_slices(value: np.ndarray, spec: list[list[int | None]] | None) -> np
 
 
 def run_case(
-    golden_path: Path, case: Case, checkpoints_dir: Path, device: torch.device, precision: str = "fp32"
+    golden_path: Path,
+    case: Case,
+    checkpoints_dir: Path,
+    device: torch.device,
+    precision: str = "fp32",
+    backend: str = "torch",
 ) -> list[SelftestRow]:
     network = golden_path.stem
     try:
@@ -162,7 +167,7 @@ def run_case(
         synth(checkpoints_dir, case.checkpoints)
         inputs = {k: v for k, v in golden.items() if not k.startswith("out.")}  # the case never sees answers
         with torch.inference_mode(), autocast(device, precision):
-            outputs = case.run(inputs, meta, checkpoints_dir, device)
+            outputs = case.run(inputs, meta, checkpoints_dir, device, backend)
     except Exception as err:  # one broken case is one failed row, not a crashed selftest
         where = traceback.extract_tb(err.__traceback__)[-1]
         detail = f"{_one_line(err)} ({Path(where.filename).name}:{where.lineno})"
@@ -217,11 +222,13 @@ def run_selftest(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     *,
+    backend: str = "torch",
     cases: Mapping[str, Case] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> list[SelftestRow]:
     """Run every golden file in ``golden_dir`` (default: the compact set) through its case; one row per compared
-    output. Synthetic checkpoints go to ``checkpoints_dir`` (kept) or, by default, a temporary folder."""
+    output. Synthetic checkpoints go to ``checkpoints_dir`` (kept) or, by default, a temporary folder; with
+    ``backend`` "openvino" the networks run their OpenVINO models, converted into that folder."""
     files = golden_files(golden_dir)
     cases = CASES if cases is None else cases
     device = torch.device(device)
@@ -236,7 +243,7 @@ def run_selftest(
                     SelftestRow(path.stem, "-", None, None, False, f"no selftest case for {path.name}")
                 )
             else:
-                rows.extend(run_case(path, case, folder, device, precision))
+                rows.extend(run_case(path, case, folder, device, precision, backend))
     return rows
 
 

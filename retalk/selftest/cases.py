@@ -22,6 +22,7 @@ from retalk.align import LM3D_STD, align_img, calc_alignment_coefficients
 from retalk.audio import mel_chunks, melspectrogram
 from retalk.blend import laplacian_pyramid_blend
 from retalk.coeffs import find_crop_norm_ratio, split_coeff, transform_semantic, window_indices
+from retalk.engines.backends import OpenVinoNetwork, files_identity
 from retalk.models import dnet, enet, face3d, ganimation, gfpgan, gpen, lnet, parsing, retinaface, s3fd
 from retalk.synthetic import noise_tensor
 
@@ -34,7 +35,8 @@ Forward = Callable[[nn.Module, dict[str, Tensor], dict[str, Any]], Mapping[str, 
 class Case:
     golden: str  # the golden file it serves, e.g. "LNet.npz"
     checkpoints: tuple[str, ...]  # the official files it loads (the runner writes synthetic ones)
-    run: Callable[[Arrays, dict[str, Any], Path, torch.device], Outputs]  # (inputs, meta, folder, device)
+    # (inputs, meta, folder, device, backend): backend "openvino" runs a network's OpenVINO model
+    run: Callable[..., Outputs]
     tolerances: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # default: the reference rule
 
 
@@ -55,17 +57,31 @@ def _network(
 ) -> Case:
     """A network row: ``load(*paths of checkpoints, device=device)``, then ``forward(model, inputs, meta)``."""
 
-    def run(inputs: Arrays, meta: dict[str, Any], folder: Path, device: torch.device) -> Outputs:
-        model = load(*(Path(folder) / name for name in checkpoints), device=device)
+    def run(
+        inputs: Arrays, meta: dict[str, Any], folder: Path, device: torch.device, backend: str = "torch"
+    ) -> Outputs:
+        paths = [Path(folder) / name for name in checkpoints]
+        model = load(*paths, device=device)
+        if backend == "openvino":
+            model = _openvino(golden, model, paths, Path(folder))
         tensors = {
             key.removeprefix("in."): torch.from_numpy(np.ascontiguousarray(value)).to(device)
             for key, value in inputs.items()
             if key.startswith("in.")
         }
         with torch.inference_mode():
-            return _numpy(forward(model, tensors, meta))
+            outputs = _numpy(forward(model, tensors, meta))
+        if isinstance(model, OpenVinoNetwork) and model.on_torch:
+            raise RuntimeError(f"no OpenVINO model: {next(iter(model.on_torch.values()))}")
+        return outputs
 
     return Case(golden, checkpoints, run, tolerances or {})
+
+
+def _openvino(golden: str, model: nn.Module, paths: list[Path], folder: Path) -> OpenVinoNetwork:
+    """``model`` on OpenVINO, converted on the golden inputs (the converted model in ``folder``/openvino, reused
+    while the synthetic files stay as they are)."""
+    return OpenVinoNetwork(golden, files_identity(paths), lambda: model, folder / "openvino")
 
 
 def _enet(model: nn.Module, x: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
@@ -114,7 +130,9 @@ _RATES = {"25": Fraction(25), "22.131147540983605": Fraction(1350, 61)}
 _RATIO_FRAMES = (0, 1, 14, 29)
 
 
-def _functions(golden: Arrays, meta: dict[str, Any], folder: Path, device: torch.device) -> Outputs:
+def _functions(
+    golden: Arrays, meta: dict[str, Any], folder: Path, device: torch.device, backend: str = "torch"
+) -> Outputs:
     """Mel features (from the stored 16 kHz samples: the resampler is tested by the media tests), the 3DMM
     coefficient windows, Laplacian blending, the STIT perspective coefficients and the face3d alignment,
     for each group whose inputs the file holds."""
