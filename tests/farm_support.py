@@ -32,10 +32,11 @@ def job_spec(
     end: int | None = None,
     engine: str = "preview",
     codec: str = "lossless",
+    backend: str = "auto",
 ) -> JobSpec:
     """A job as the server hands it to its pool, its folder made as SUBMIT makes it."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    options = job_options.complete({"codec": codec})
+    options = job_options.complete({"codec": codec, "backend": backend})
     return JobSpec(video=video, audio=audio, output=output, end=end, engine=engine, options=options)
 
 

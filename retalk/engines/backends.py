@@ -268,7 +268,7 @@ class OpenVinoNetwork:
         self, signature: str, leaves: list[torch.Tensor], in_spec: pytree.TreeSpec, args: tuple, kwargs: dict
     ) -> Any:
         """Read the verdict and model of this signature, or convert, verify and store them; this call's
-        outputs come from the model it adopts (eager's when it converted: the same numbers it was checked on)."""
+        outputs come from the model it adopts (eager's when the network stays on torch)."""
         xml, weights, verdict_path = self.paths(signature)
         verdict = _read_verdict(verdict_path)
         if verdict is not None and verdict["adopted"] and xml.is_file() and weights.is_file():
@@ -281,6 +281,11 @@ class OpenVinoNetwork:
             self._models[signature] = None
             self.on_torch[signature] = verdict["detail"]
             return self._eager_module()(*args, **kwargs)
+        # said before the wait: a large network takes minutes, once per machine and checkpoint
+        _log.warning(
+            "backend: converting %s for OpenVINO, once on this machine (can take minutes; --backend torch skips it)",
+            self.name,
+        )
         eager = self._eager_module()
         with torch.inference_mode():
             expected = eager(*args, **kwargs)
