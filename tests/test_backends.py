@@ -198,9 +198,8 @@ def _engine(folder: Path, cache: Path, backend: str) -> NeuralEngine:
 
 def test_the_option_reaches_the_engine_and_its_prepare_key(ganimation_files, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(
-        NeuralEngine, "_file_identity", lambda self, name: name
-    )  # only GANimation's file is here
+    # only GANimation's file is here
+    monkeypatch.setattr(NeuralEngine, "_file_identity", lambda self, name: name)
     torch_engine = _engine(ganimation_files, tmp_path, "torch")
     openvino_engine = _engine(ganimation_files, tmp_path, "openvino")
     assert isinstance(torch_engine._network(GANIMATION), nn.Module)
@@ -217,8 +216,8 @@ def test_the_option_reaches_the_engine_and_its_prepare_key(ganimation_files, tmp
 def test_ganimation_through_the_engine_runs_on_openvino_within_the_fp32_rule(
     ganimation_files, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     """A real network of the engine (the smallest: GANimation) on synthetic weights, as the engine calls it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     eager = _engine(ganimation_files, tmp_path, "torch")._network(GANIMATION)
     network = _engine(ganimation_files, tmp_path, "openvino")._network(GANIMATION)
     g = torch.Generator().manual_seed(3)
