@@ -216,6 +216,12 @@ def gated_runner(spec: JobSpec, progress, should_cancel) -> dict:
         def gated(stage: str, done: int, total: int, message: str = "") -> None:
             progress(stage, done, total, message)
             if stage == "render" and done > 0:
+                # the encoder writes on a thread of its own: hold once the partial result file is there
+                wait_for(
+                    lambda: list(spec.output.parent.glob(f".{spec.output.name}.*.part")),
+                    30,
+                    "the partial result file",
+                )
                 _hold(gate, "rendering", lambda: progress(stage, done, total, message), should_cancel)
 
         return run_redub(spec, gated, should_cancel)

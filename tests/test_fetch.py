@@ -60,8 +60,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.log.append(
+            (self.path, header, len(body))
+        )  # before the body: the client may check once it has it
         self.wfile.write(body)
-        self.log.append((self.path, header, len(body)))
 
     def log_message(self, *args):
         pass
