@@ -226,8 +226,7 @@ def format_report(results: dict) -> str:
     lines.append(f"{'total':<10}{total[0]:>22.2f}{total[1]:>22.2f}")
     lines.append(f"{'peak RSS':<10}{first['peak_rss_mb']:>19.0f} MB{second['peak_rss_mb']:>19.0f} MB")
     lines.append(f"second take cache hits: {', '.join(second['cache_hits']) or 'none'}")
-    for name in ("short", "long"):
-        take = results[name]
+    for take in (results[name] for name in ("short", "long") if name in results):
         lines.append(f"peak RSS, {take['frames']:>5} output frames: {take['peak_rss_mb']:.0f} MB")
     if "reference" in results:
         lines += ["", *_format_reference(results["reference"])]

@@ -233,6 +233,31 @@ def test_ganimation_through_the_engine_runs_on_openvino_within_the_fp32_rule(
     assert np.isfinite(got[0].numpy()).all()
 
 
+def test_a_released_network_frees_its_model_and_compiles_the_stored_one_on_its_next_call(
+    ganimation_files, tmp_path, monkeypatch
+):
+    """What the engine does with prepare's networks before the render: their memory goes, not their store."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    engine = _engine(ganimation_files, tmp_path, "openvino")
+    network = engine._network(GANIMATION)
+    faces, aus = torch.rand(2, 3, 128, 128) * 2 - 1, torch.rand(2, 17)
+    with torch.inference_mode():
+        before = network(faces, aus)
+    assert network._models
+    engine._release([GANIMATION])
+    assert not network._models and network._eager is None
+    monkeypatch.setattr(backends, "export", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(network, "_load", lambda: pytest.fail("the torch network was built again"))
+    with torch.inference_mode():
+        after = network(faces, aus)
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    # the torch backend keeps its modules (checkpoints.load's cache)
+    torch_engine = _engine(ganimation_files, tmp_path, "torch")
+    module = torch_engine._network(GANIMATION)
+    torch_engine._release([GANIMATION])
+    assert torch_engine._network(GANIMATION) is module
+
+
 def test_selftest_backend_openvino_checks_the_converted_network_against_the_golden_outputs(tmp_path):
     golden = tmp_path / "golden"
     golden.mkdir()

@@ -182,6 +182,20 @@ def test_bench_json_end_to_end(tmp_path, timing_file, capsys):
     assert np.abs(source.astype(int) - output).mean() > 1  # the re-dubbed mouths differ from the source's
 
 
+def test_bench_long_zero_runs_the_two_takes_only(tmp_path, timing_file, capsys):
+    video = write_face_clip(tmp_path / "shot.mp4", n_frames=4, size=(160, 120))
+    audio = write_tone(tmp_path / "line.wav", 0.5)
+    argv = ["bench", "--video", str(video), "--audio", str(audio), "--engine", "preview", "--long", "0"]
+    assert main([*argv, "--reference-timing", str(timing_file), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert {"first", "second"} <= results.keys() and not {"short", "long"} & results.keys()
+    assert (
+        main([*argv, "--reference-timing", str(timing_file)]) == 0
+    )  # the table without the long take's lines
+    report = capsys.readouterr().out
+    assert "second take cache hits" in report and "output frames" not in report
+
+
 def test_bench_refuses_a_sheet_it_cannot_write_before_any_take(tmp_path, capsys):
     for bad in (tmp_path / "absent" / "sheet.png", tmp_path / "sheet.jpg"):
         assert main(["bench", "--engine", "preview", "--sheet", str(bad)]) == 1

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--codec", choices=CODECS, default="h264")
     backend = JOB_OPTIONS["backend"]
     parser.add_argument(backend.flag, choices=backend.choices, default=backend.default, help=backend.help)
-    parser.add_argument("--long", type=float, default=60.0, help="seconds of the long take (the clip loops)")
+    parser.add_argument(
+        "--long", type=float, default=60.0, help="seconds of the long take (the clip loops); 0: no long take"
+    )
     parser.add_argument(
         "--reference-timing",
         type=Path,
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             folder,
             engine=args.engine,
             codec=args.codec,
-            long_seconds=args.long,
+            long_seconds=args.long or None,
             start=args.start,
             end=args.end,
             checkpoints=args.checkpoints,

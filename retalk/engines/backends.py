@@ -252,6 +252,15 @@ class OpenVinoNetwork:
             model = self._models[signature]
         return self._eager_module()(*args, **kwargs) if model is None else model(leaves)
 
+    def release(self) -> None:
+        """Let go of the compiled models and the torch module (their weights' memory); the next call compiles
+        the stored model again (about a second, no conversion)."""
+        with self._lock:
+            self._models.clear()
+            self.on_torch.clear()
+            self._eager = None
+        gc.collect()
+
     def paths(self, signature: str) -> tuple[Path, Path, Path]:
         """The model's IR (.xml, .bin) and its verdict (.json) for an input signature."""
         key = cache_key("openvino", STORE_FORMAT, retalk.__version__, self.name, self.identity, signature,

@@ -49,6 +49,7 @@ PREP_CHUNK = 16  # frames per reference cache file
 CACHE_KIND = "neural"
 EXPRESSION_KEYS = {"neutral": "expression_center", "smile": "expression_mouth"}
 PREPARE_CHECKPOINTS = (FACE3D, DNET, GPEN, PARSENET)
+PREPARE_ONLY = (FACE3D, DNET, GPEN)  # the networks render never calls (ParseNet it does)
 ENET_NOISE, GFPGAN_NOISE = 0, 1  # noise streams of one output frame
 
 
@@ -222,6 +223,14 @@ class NeuralEngine:
         identity = backends.files_identity(paths)
         return backends.openvino_network(name, identity, build, backends.default_store())
 
+    def _release(self, names: Sequence[str]) -> None:
+        """Free the compiled OpenVINO models of networks this take no longer calls, so that the render's
+        networks do not share the memory with them; a later call (a server's next clip) compiles the stored
+        model again in about a second. Torch modules stay in checkpoints.load's cache."""
+        if self._backend == "openvino":
+            for name in names:
+                self._network(name).release()
+
     def _expression_identity(self) -> tuple:
         if self.request.expression in EXPRESSION_KEYS:
             return self.request.expression, self._file_identity(EXPRESSION)
@@ -283,6 +292,7 @@ class NeuralEngine:
         report("references", len(missing), len(missing))
         if not missing:
             hits.append("references")
+        self._release(PREPARE_ONLY)
         return hits
 
     def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]:
