@@ -1,5 +1,5 @@
-"""Where the neural engine's networks run on the CPU: PyTorch eager, or OpenVINO (measured 1.7-8x faster per
-forward pass on the CPU in fp32; benchmarks/backends.py races them).
+"""Where the neural engine's networks run on the CPU: PyTorch eager, or OpenVINO (1.4-2x faster per forward pass
+of the engine's networks on the CPU in fp32, near the CPU's peak; benchmarks/backends.py races them).
 
 :func:`openvino_network` wraps a network in a callable with the torch module's call signature and output
 structure (``dnet(source, driving)["fake_image"]``, ``enet(mel, img, ref, noise=[...])[0]``, ...). Nothing is
