@@ -75,6 +75,7 @@ def median_ms(run: Callable[[], object], repeat: int) -> float:
 def gflop_per_item(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
     """Floating-point operations (multiply and add counted apart) of one item's forward pass, in GFLOP."""
     one = pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    # outside inference_mode/no_grad: there the counter fails on GFPGAN's and GPEN's custom autograd ops
     with FlopCounterMode(display=False) as counter:
         model(*one[0], **one[1])
     return counter.get_total_flops() / 1e9

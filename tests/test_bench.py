@@ -189,9 +189,8 @@ def test_bench_long_zero_runs_the_two_takes_only(tmp_path, timing_file, capsys):
     assert main([*argv, "--reference-timing", str(timing_file), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert {"first", "second"} <= results.keys() and not {"short", "long"} & results.keys()
-    assert (
-        main([*argv, "--reference-timing", str(timing_file)]) == 0
-    )  # the table without the long take's lines
+    # the table, without the long take's lines
+    assert main([*argv, "--reference-timing", str(timing_file)]) == 0
     report = capsys.readouterr().out
     assert "second take cache hits" in report and "output frames" not in report
 

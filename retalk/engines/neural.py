@@ -292,7 +292,9 @@ class NeuralEngine:
         report("references", len(missing), len(missing))
         if not missing:
             hits.append("references")
-        self._release(PREPARE_ONLY)
+        # when prepare's networks ran, their memory goes before the render
+        if "coefficients" not in hits or missing:
+            self._release(PREPARE_ONLY)
         return hits
 
     def listen(self, wav16k: np.ndarray, rate: Fraction, n_frames: int) -> list[str]:
